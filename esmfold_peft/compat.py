@@ -1,0 +1,127 @@
+"""Every workaround for a dependency's bug, in one place, each with its reason.
+
+Import this module (the application does it for you) before touching openfold or fair-esm's
+ESMFold parts. Nothing here edits site-packages; each fix is applied at import time and is a no-op
+when the dependency no longer needs it.
+
+| dependency | problem | fix here |
+|---|---|---|
+| openfold 0.0.1 | `openfold.model.primitives` calls `importlib.util` without importing it, so it fails when imported before torch | import `importlib.util` and torch first |
+| openfold 0.0.1 + Biopython >= 1.82 | `openfold.data.mmcif_parsing` imports `Bio.Data.SCOPData`, removed in 1.82 | alias a module with `protein_letters_3to1` from `PDBData` |
+| fair-esm 2.0.0 on Python >= 3.11 | dataclass fields with mutable defaults in `esm/esmfold/v1/{trunk,esmfold}.py` raise `ValueError` at import | an import hook compiles those two modules with `field(default_factory=...)` |
+| torch >= 2.6 | `torch.load` defaults to `weights_only=True`; fair-esm checkpoints pickle an `argparse.Namespace` | allow-list `argparse.Namespace` only (the safety stays on) |
+| openfold 0.0.1 sdist | `resources/stereo_chemical_props.txt` is missing, so violation losses fail | `violation_loss_available()` says whether it may be used |
+| openfold 0.0.1 | `data/templates.py`, `data/data_pipeline.py` use `np.object` (gone in numpy 2) | never imported by this project (documented, nothing to patch) |
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import importlib.util  # noqa: F401  (openfold.model.primitives relies on it being imported)
+import re
+import sys
+import types
+
+import torch  # noqa: F401  (must precede openfold imports)
+
+_APPLIED = False
+
+# --- fair-esm: mutable dataclass defaults on Python >= 3.11 -----------------------------------
+
+_FAIR_ESM_DATACLASS_MODULES = ("esm.esmfold.v1.trunk", "esm.esmfold.v1.esmfold")
+# `name: Annotation = SomeConfig()` inside a dataclass body -> `field(default_factory=SomeConfig)`
+_MUTABLE_DEFAULT = re.compile(r"^(\s+\w+\s*:\s*[\w.\[\]]+\s*=\s*)(\w+Config)\(\)\s*$", re.MULTILINE)
+
+
+def _patch_fair_esm_source(source: str) -> str:
+    patched, n = _MUTABLE_DEFAULT.subn(r"\1_esmfold_peft_field(default_factory=\2)", source)
+    if n:
+        patched = "from dataclasses import field as _esmfold_peft_field\n" + patched
+    return patched
+
+
+class _PatchedSourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a module from patched source (never from a stale unpatched .pyc)."""
+
+    def get_code(self, fullname):
+        source = self.get_data(self.path).decode("utf-8")
+        return compile(_patch_fair_esm_source(source), self.path, "exec", dont_inherit=True)
+
+
+class _FairEsmDataclassFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _FAIR_ESM_DATACLASS_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            return spec
+        spec.loader = _PatchedSourceLoader(fullname, spec.origin)
+        return spec
+
+
+# --- Biopython >= 1.82: Bio.Data.SCOPData removed ----------------------------------------------
+
+def _alias_scopdata() -> None:
+    try:
+        import Bio.Data.SCOPData  # noqa: F401
+        return
+    except ImportError:
+        pass
+    from Bio.Data import PDBData
+
+    mod = types.ModuleType("Bio.Data.SCOPData")
+    mod.protein_letters_3to1 = PDBData.protein_letters_3to1_extended
+    sys.modules["Bio.Data.SCOPData"] = mod
+    import Bio.Data
+
+    Bio.Data.SCOPData = mod
+
+
+# --- torch.load weights_only with fair-esm checkpoints -----------------------------------------
+
+def _allow_fair_esm_pickles() -> None:
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([argparse.Namespace])
+
+
+def apply() -> None:
+    """Apply every workaround once (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if not any(isinstance(f, _FairEsmDataclassFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FairEsmDataclassFinder())
+    _alias_scopdata()
+    _allow_fair_esm_pickles()
+    _APPLIED = True
+
+
+def violation_loss_available() -> bool:
+    """openfold's violation losses need `stereo_chemical_props.txt`, absent from the 0.0.1 sdist."""
+    try:
+        import importlib.resources as res
+
+        return res.files("openfold.resources").joinpath("stereo_chemical_props.txt").is_file()
+    except Exception:
+        return False
+
+
+def check_stack() -> None:
+    """Import every dependency the application needs; raise with a clear message if one is missing."""
+    apply()
+    missing = []
+    for name in ("openfold.utils.loss", "openfold.data.data_transforms",
+                 "openfold.model.structure_module", "esm.esmfold.v1.trunk", "esm.pretrained",
+                 "Bio.PDB", "ml_collections", "safetensors.torch"):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # report all, not only the first
+            missing.append(f"{name}: {type(exc).__name__}: {exc}")
+    if missing:
+        raise RuntimeError("the software stack is incomplete (run `make setup`):\n  " + "\n  ".join(missing))
+
+
+apply()
