@@ -11,6 +11,7 @@ when the dependency no longer needs it.
 | fair-esm 2.0.0 on Python >= 3.11 | dataclass fields with mutable defaults in `esm/esmfold/v1/{trunk,esmfold}.py` raise `ValueError` at import | an import hook compiles those two modules with `field(default_factory=...)` |
 | torch >= 2.6 | `torch.load` defaults to `weights_only=True`; fair-esm checkpoints pickle an `argparse.Namespace` | allow-list `argparse.Namespace` only (the safety stays on) |
 | openfold 0.0.1 sdist | `resources/stereo_chemical_props.txt` is missing, so violation losses fail | `violation_loss_available()` says whether it may be used |
+| openfold 0.0.1 + torch >= 2.9 | `utils/tensor_utils.py:92` indexes with a list of slices, which torch warns about on every call (results are still right) | that one warning is filtered, by module and message |
 | openfold 0.0.1 | `data/templates.py`, `data/data_pipeline.py` use `np.object` (gone in numpy 2) | never imported by this project (documented, nothing to patch) |
 """
 
@@ -23,6 +24,7 @@ import importlib.util  # noqa: F401  (openfold.model.primitives relies on it bei
 import re
 import sys
 import types
+import warnings
 
 import torch  # noqa: F401  (must precede openfold imports)
 
@@ -87,11 +89,17 @@ def _allow_fair_esm_pickles() -> None:
         add([argparse.Namespace])
 
 
+def _quiet_openfold_indexing_warning() -> None:
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                            category=UserWarning, module=r"openfold\.utils\.tensor_utils")
+
+
 def apply() -> None:
     """Apply every workaround once (idempotent)."""
     global _APPLIED
     if _APPLIED:
         return
+    _quiet_openfold_indexing_warning()
     if not any(isinstance(f, _FairEsmDataclassFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _FairEsmDataclassFinder())
     _alias_scopdata()

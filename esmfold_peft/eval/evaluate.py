@@ -1,0 +1,131 @@
+"""Evaluate predicted structure files against reference files and write a report.
+
+`evaluate_paths(pred, ref, out_dir)` takes two files, or two directories whose structure files
+(.pdb, .ent, .cif, .mmcif, optionally .gz) are matched by file stem (`1abc.pdb` with `1abc.cif.gz`).
+A problem with one file or chain (missing counterpart, unparseable file, chain or residues that
+cannot be paired) is recorded as an `EvaluationFailure` naming the file, and everything else is
+still evaluated.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from esmfold_peft.data.structures import Chain, StructureError, file_stem, is_structure_file, parse_structure
+from esmfold_peft.eval.chain_scores import ChainScores, score_chain
+from esmfold_peft.eval.lddt import LDDT_CUTOFF
+from esmfold_peft.eval.pairing import PairingError, pair_chains
+from esmfold_peft.eval.report import EvaluationFailure, ReportFiles, write_report
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    """What `evaluate_paths` did: scored chains, failures, and the report files."""
+
+    chains: list[ChainScores]
+    failures: list[EvaluationFailure]
+    files: ReportFiles
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return not self.failures
+
+
+def _structure_files(directory: Path, role: str) -> tuple[dict[str, Path], list[EvaluationFailure]]:
+    """Structure files of a directory (not recursive) by stem; two files with one stem is a failure.
+
+    Raises ValueError if the directory holds no structure file.
+    """
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and is_structure_file(path):
+            by_stem[file_stem(path)].append(path)
+    if not by_stem:
+        raise ValueError(f"no structure files (.pdb, .ent, .cif, .mmcif, optionally .gz) in the {role} "
+                         f"directory {directory}")
+    files, failures = {}, []
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            failures.append(EvaluationFailure(str(paths[0]), "several structure files share the stem "
+                                              f"{stem!r}: {', '.join(p.name for p in paths)}"))
+        else:
+            files[stem] = paths[0]
+    return files, failures
+
+
+def match_structure_files(pred: str | Path, ref: str | Path) -> tuple[list[tuple[Path, Path]], list[EvaluationFailure]]:
+    """(prediction, reference) file pairs and failures for unmatched files.
+
+    Two files make one pair. Two directories are matched by file stem; a reference without a
+    prediction and a prediction without a reference are failures. Raises FileNotFoundError if a
+    path does not exist, ValueError for a file against a directory or an empty directory.
+    """
+    pred, ref = Path(pred), Path(ref)
+    for role, path in (("prediction", pred), ("reference", ref)):
+        if not path.exists():
+            raise FileNotFoundError(f"{role} path not found: {path}")
+    if pred.is_file() and ref.is_file():
+        return [(pred, ref)], []
+    if not (pred.is_dir() and ref.is_dir()):
+        raise ValueError(f"give two files or two directories, not a file and a directory: --pred {pred} --ref {ref}")
+
+    pred_files, failures = _structure_files(pred, "prediction")
+    ref_files, ref_failures = _structure_files(ref, "reference")
+    failures += ref_failures
+    pairs = [(pred_files[s], ref_files[s]) for s in sorted(ref_files) if s in pred_files]
+    failures += [EvaluationFailure(str(ref_files[s]), f"no prediction with stem {s!r} in {pred}")
+                 for s in sorted(ref_files) if s not in pred_files]
+    failures += [EvaluationFailure(str(pred_files[s]), f"no reference with stem {s!r} in {ref}")
+                 for s in sorted(pred_files) if s not in ref_files]
+    return pairs, failures
+
+
+def _parse(path: Path, failures: list[EvaluationFailure]) -> list[Chain] | None:
+    try:
+        return parse_structure(path)
+    except StructureError as exc:
+        failures.append(EvaluationFailure(exc.path, exc.reason))
+        return None
+
+
+def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
+                   lddt_cutoff: float = LDDT_CUTOFF, plots: bool = True,
+                   progress: bool = True) -> EvaluationRun:
+    """Evaluate predictions against references (files or directories) and write the report.
+
+    Args:
+        pred: a predicted structure file, or a directory of them.
+        ref: the reference structure file, or a directory matched to `pred` by file stem.
+        out_dir: where `report.json`, `report.md` and the figures go (created if needed).
+        lddt_cutoff: LDDT inclusion radius in Å (15 in the AF2/OpenFold convention).
+        plots: write the PNG figures.
+        progress: show tqdm progress bars (reading files, scoring chains).
+
+    Raises FileNotFoundError / ValueError for unusable `pred` / `ref` paths (see
+    `match_structure_files`); everything per file or chain is a failure in the result instead.
+    """
+    file_pairs, failures = match_structure_files(pred, ref)
+    chain_pairs: list[tuple[Chain, Chain]] = []
+    for pred_path, ref_path in tqdm(file_pairs, desc="reading", unit="file", disable=not progress):
+        pred_chains = _parse(pred_path, failures)
+        ref_chains = _parse(ref_path, failures)
+        if pred_chains is None or ref_chains is None:
+            continue
+        pairs, problems = pair_chains(pred_chains, ref_chains)
+        chain_pairs += pairs
+        failures += [EvaluationFailure(str(ref_path), p) for p in problems]
+
+    chains: list[ChainScores] = []
+    for pred_chain, ref_chain in tqdm(chain_pairs, desc="scoring", unit="chain", disable=not progress):
+        try:
+            chains.append(score_chain(pred_chain, ref_chain, lddt_cutoff=lddt_cutoff))
+        except PairingError as exc:
+            failures.append(EvaluationFailure(ref_chain.source, str(exc)))
+
+    files = write_report(chains, out_dir, failures, lddt_cutoff=lddt_cutoff, plots=plots)
+    return EvaluationRun(chains=chains, failures=failures, files=files)

@@ -1,0 +1,87 @@
+"""report.json schema and aggregations, report.md, and the PNG plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from esmfold_peft.eval.chain_scores import score_chain
+from esmfold_peft.eval.report import EvaluationFailure, plot_per_residue, summarize, write_report
+from test_eval_pairing import SEQ, make_chain, random_walk
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CHAIN_KEYS = {"name", "pred_name", "ref_file", "pred_file", "length", "pred_length", "n_ref_with_ca", "n_scored",
+              "pairing", "n_paired", "sequence_identity", "lddt_ca_global_pooled", "lddt_ca_mean_per_residue",
+              "lddt_ca_n_pairs", "lddt_ca_score_sum", "rmsd_ca", "gdt_ts", "gdt_fractions", "tm_score",
+              "mean_plddt", "per_residue"}
+OVERALL_KEYS = {"n_chains", "lddt_ca_global_pooled_mean_over_chains", "lddt_ca_mean_per_residue_mean_over_chains",
+                "lddt_ca_pooled_over_all_pairs", "rmsd_ca_mean_over_chains", "gdt_ts_mean_over_chains",
+                "tm_score_mean_over_chains", "mean_plddt_mean_over_chains", "n_chains_with_plddt",
+                "plddt_vs_lddt_ca_mean_per_residue_pearson_r"}
+
+
+@pytest.fixture(scope="module")
+def scored_chains():
+    rng = np.random.default_rng(0)
+    chains = []
+    for k, (n, noise, with_plddt) in enumerate([(30, 0.5, True), (45, 2.0, True), (20, 4.0, False)]):
+        ca = random_walk(rng, n)
+        pred = make_chain(SEQ[:n], ca=ca + rng.normal(scale=noise, size=ca.shape), name=f"t{k}_A",
+                          b_factors=rng.uniform(40, 95, n) if with_plddt else None)
+        chains.append(score_chain(pred, make_chain(SEQ[:n], ca=ca, name=f"t{k}_A", numbers=np.arange(20, 20 + n))))
+    return chains
+
+
+def test_report_files_and_json_schema(scored_chains, tmp_path):
+    failures = [EvaluationFailure("pred/broken.pdb", "not parseable as PDB")]
+    files = write_report(scored_chains, tmp_path, failures)
+    report = json.loads(files.json.read_text())
+    assert set(report) == {"conventions", "settings", "overall", "chains", "failures", "figures"}
+    assert set(report["overall"]) == OVERALL_KEYS
+    assert report["settings"]["lddt_cutoff"] == 15.0
+    assert report["failures"] == [{"path": "pred/broken.pdb", "reason": "not parseable as PDB"}]
+    assert len(report["chains"]) == 3
+    for record, chain in zip(report["chains"], scored_chains):
+        assert set(record) == CHAIN_KEYS
+        assert record["lddt_ca_global_pooled"] == pytest.approx(chain.lddt.global_pooled)
+        assert record["pairing"] == "alignment"  # prediction numbered from 1, reference from 20
+        assert len(record["per_residue"]["lddt_ca"]) == record["length"]
+        assert record["per_residue"]["residue"][0] == "20"
+    assert report["chains"][2]["mean_plddt"] is None and report["chains"][2]["per_residue"]["plddt"] is None
+    assert report["overall"]["n_chains_with_plddt"] == 2
+
+    for path in files.figures:
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    assert {p.name for p in files.figures} == {"per_residue_lddt_001.png", "plddt_vs_lddt.png"}
+    markdown = files.markdown.read_text()
+    assert "| chain | length |" in markdown and "t1_A" in markdown and "pred/broken.pdb" in markdown
+    assert "![plddt_vs_lddt](plddt_vs_lddt.png)" in markdown
+
+
+def test_overall_aggregations_are_the_named_ones(scored_chains):
+    overall = summarize(scored_chains)
+    pooled = sum(c.lddt.score_sum for c in scored_chains) / sum(c.lddt.n_pairs for c in scored_chains)
+    assert overall["lddt_ca_pooled_over_all_pairs"] == pytest.approx(pooled)
+    assert overall["lddt_ca_global_pooled_mean_over_chains"] == pytest.approx(
+        np.mean([c.lddt.global_pooled for c in scored_chains]))
+    assert overall["lddt_ca_mean_per_residue_mean_over_chains"] == pytest.approx(
+        np.mean([c.lddt.mean_per_residue for c in scored_chains]))
+    assert overall["mean_plddt_mean_over_chains"] == pytest.approx(
+        np.mean([c.mean_plddt for c in scored_chains[:2]]))
+    x = [c.mean_plddt for c in scored_chains[:2]]
+    y = [c.lddt.mean_per_residue for c in scored_chains[:2]]
+    assert overall["plddt_vs_lddt_ca_mean_per_residue_pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+
+
+def test_empty_evaluation_writes_a_valid_report(tmp_path):
+    files = write_report([], tmp_path, [EvaluationFailure("a.pdb", "file not found")])
+    report = json.loads(files.json.read_text())
+    assert report["chains"] == [] and report["overall"]["lddt_ca_pooled_over_all_pairs"] is None
+    assert files.figures == []
+
+
+def test_per_residue_plots_are_paged(scored_chains, tmp_path):
+    paths = plot_per_residue(scored_chains, tmp_path, chains_per_figure=2)
+    assert [p.name for p in paths] == ["per_residue_lddt_001.png", "per_residue_lddt_002.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
