@@ -1,0 +1,80 @@
+"""From a config to a model: language model, adapter (or none / full), trunk and heads."""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections as mlc
+from torch import nn
+
+from ..adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
+from .config import ADAPTERS, adapter_alpha
+from .lm import load_language_model
+from .model import AdaptedESMFold
+
+log = logging.getLogger(__name__)
+
+
+def adapter_config(cfg: mlc.ConfigDict):
+    """The core's adapter config for `cfg.adapter` (None for `none` and `full`)."""
+    a = cfg.adapter
+    if a.method not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {a.method!r}")
+    if a.method in ("none", "full"):
+        return None
+    common = dict(rank=int(a.rank), alpha=adapter_alpha(cfg), dropout=float(a.dropout),
+                  targets=tuple(t.strip() for t in str(a.targets).split(",") if t.strip()))
+    if a.method == "lora":
+        return LoRAConfig(**common)
+    return LoRTAConfig(**common, modes=tuple(m.strip() for m in str(a.modes).split(",") if m.strip()))
+
+
+def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
+    """The folding model with the language model set up for `cfg.adapter.method`.
+
+    lorta/lora: LM base weights frozen, adapter trainable; none: LM frozen; full: LM trainable.
+    Heads that no configured loss trains (the LM head always, pTM when its weight is 0, pLDDT when
+    its weight is 0) are frozen, so every trainable parameter gets a gradient (DDP needs that).
+    """
+    lm, alphabet, description = load_language_model(cfg.model.lm)
+    log.info("language model: %s", description)
+    model = AdaptedESMFold(lm, alphabet, cfg.model.trunk, lddt_head_hid_dim=cfg.model.lddt_head_hid_dim,
+                           checkpoint_blocks=cfg.model.checkpoint_blocks)
+    model.lm_description = description
+    method = cfg.adapter.method
+    acfg = adapter_config(cfg)
+    lm.requires_grad_(method == "full")
+    if acfg is not None:
+        add_adapter(lm, acfg, name="default", freeze=True)
+    if method == "full":  # parts of ESM-2 that the folding model never reads
+        for mod in (lm.lm_head, lm.contact_head):
+            mod.requires_grad_(False)
+    model.lm_head.requires_grad_(False)  # no masked-LM loss in this training stage
+    if not cfg.loss.tm.weight:
+        model.ptm_head.requires_grad_(False)
+    if not cfg.loss.plddt.weight:
+        model.lddt_head.requires_grad_(False)
+    return model
+
+
+def parameter_counts(model: AdaptedESMFold) -> dict:
+    """Trainable parameters by part: adapter, language model, trunk and heads."""
+    counts = {"adapter": 0, "language_model": 0, "trunk_and_heads": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("esm.peft."):
+            counts["adapter"] += p.numel()
+        elif name.startswith("esm."):
+            counts["language_model"] += p.numel()
+        else:
+            counts["trunk_and_heads"] += p.numel()
+    counts["total"] = sum(counts.values())
+    counts["language_model_total"] = sum(p.numel() for n, p in model.esm.named_parameters()
+                                         if not n.startswith("peft."))
+    return counts
+
+
+def adapter_of(model: AdaptedESMFold) -> nn.Module | None:
+    peft = getattr(model.esm, "peft", None)
+    return get_adapter_set(model.esm).get() if peft is not None else None

@@ -1,0 +1,167 @@
+"""Run directories: training checkpoints (exact resume), the exported model, and loading them back.
+
+    RUN/config.json                  the resolved configuration
+    RUN/checkpoints/last.pt          everything needed to resume exactly (written atomically)
+    RUN/model/fold_model.safetensors trunk + heads (+ the LM when it was fully trained)
+    RUN/adapter/                     the adapter in the core's format (lorta / lora runs)
+    RUN/metrics.jsonl, RUN/summary.json
+
+Checkpoints hold only what training changes (trainable parameters, every non-LM tensor,
+optimizer, scheduler, EMA, RNG states, step); the frozen language model is rebuilt from its
+source. They load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import ml_collections as mlc
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..adapters import get_adapter_set, load_adapter, save_adapter
+
+CHECKPOINT_FORMAT = 1
+LAST = "last.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def trained_state(model) -> dict:
+    """Tensors training can change: everything outside the LM, plus the LM's trainable ones."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith("esm.") or k in trainable or k.startswith("esm.peft.")}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, ema, step: int, cfg: mlc.ConfigDict,
+                    extra: dict) -> None:
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
+        "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        "rng": rng_state(), "extra": extra,
+    }, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def load_trained_state(model, state: dict, source: str) -> None:
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = sorted(k for k in own if not k.startswith("esm.") and k not in state)
+    if unknown or shapes or missing:
+        raise CheckpointError(f"{source} does not fit the model built from its config: "
+                              f"unknown {unknown[:5]}, shape mismatches {shapes[:5]}, missing {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def export_model(run_dir: Path, model, cfg: mlc.ConfigDict) -> None:
+    """The final model for prediction: fold weights (no adapter tensors) + the adapter directory."""
+    state = {k: v.contiguous() for k, v in trained_state(model).items() if not k.startswith("esm.peft.")}
+    out = run_dir / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "fold_model.safetensors"))
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    if getattr(model.esm, "peft", None) is not None:
+        save_adapter(get_adapter_set(model.esm), run_dir / "adapter")
+
+
+def load_run_config(run_dir: Path) -> mlc.ConfigDict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
+    return mlc.ConfigDict(json.loads(path.read_text()))
+
+
+def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True):
+    """(model, cfg) from a run directory: its exported model, or a given training checkpoint."""
+    from .build import build_model
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    method = cfg.adapter.method
+    if checkpoint is None and not (run_dir / "model" / "fold_model.safetensors").is_file():
+        last = run_dir / "checkpoints" / LAST
+        if not last.is_file():
+            raise CheckpointError(f"{run_dir} has neither an exported model nor a checkpoint")
+        checkpoint = last
+    if checkpoint is not None:
+        model = build_model(cfg)
+        ckpt = read_checkpoint(Path(checkpoint))
+        load_trained_state(model, ckpt["model"], str(checkpoint))
+        if use_ema and ckpt.get("ema"):
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in ckpt["ema"]["shadow"].items():
+                    params[name].copy_(value)
+        return model, cfg
+    # exported model: build without an adapter, load fold weights, then the saved adapter
+    bare = mlc.ConfigDict(cfg.to_dict())
+    if method in ("lorta", "lora"):
+        bare.adapter.method = "none"
+    model = build_model(bare)
+    load_trained_state(model, load_file(str(run_dir / "model" / "fold_model.safetensors")),
+                       str(run_dir / "model"))
+    if method in ("lorta", "lora"):
+        load_adapter(model.esm, run_dir / "adapter", name="default")
+    return model, cfg

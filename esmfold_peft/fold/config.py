@@ -1,0 +1,154 @@
+"""Training configuration: one ml-collections ConfigDict with every knob, plus overrides.
+
+Named configurations live in the project's `configs/` folder (`demo`, `paper_d4`, …): each is a
+Python file with `get_config()` that starts from `base_config()` and changes what it needs.
+Command-line flags override keys: `--set train.steps=500 --set model.trunk.num_blocks=4`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections as mlc
+
+from .losses import default_loss_config
+
+ADAPTERS = ("lorta", "lora", "none", "full")
+
+
+def structure_module_config(c_s=384, c_z=128, no_blocks=8, no_heads_ipa=12, c_ipa=16, c_resnet=128,
+                            dropout_rate=0.1) -> dict:
+    """All 15 arguments of openfold's StructureModule (fair-esm's trunk passes them through)."""
+    return dict(c_s=c_s, c_z=c_z, c_ipa=c_ipa, c_resnet=c_resnet, no_heads_ipa=no_heads_ipa, no_qk_points=4,
+                no_v_points=8, dropout_rate=dropout_rate, no_blocks=no_blocks, no_transition_layers=1,
+                no_resnet_blocks=2, no_angles=7, trans_scale_factor=10, epsilon=1e-8, inf=1e5)
+
+
+def trunk_config(num_blocks=48, c_s=1024, c_z=128, seq_head_width=32, pair_head_width=32,
+                 structure_module=None) -> dict:
+    return dict(num_blocks=num_blocks, sequence_state_dim=c_s, pairwise_state_dim=c_z,
+                sequence_head_width=seq_head_width, pairwise_head_width=pair_head_width, position_bins=32,
+                dropout=0.0, layer_drop=0.0, cpu_grad_checkpoint=False, max_recycles=4, chunk_size=None,
+                structure_module=structure_module or structure_module_config())
+
+
+def base_config() -> mlc.ConfigDict:
+    cfg = mlc.ConfigDict()
+    cfg.name = "base"
+    cfg.model = mlc.ConfigDict({
+        # language model: a fair-esm name, or a local checkpoint path (fair-esm .pt or HF ESM)
+        "lm": {"name": "esm2_t12_35M_UR50D", "path": "", "random_init": False, "heads": 0},
+        "trunk": trunk_config(),
+        "lddt_head_hid_dim": 128,
+        "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
+    })
+    cfg.adapter = mlc.ConfigDict({
+        "method": "lorta",  # lorta | lora | none (frozen LM) | full (LM fully trained)
+        "rank": 8,
+        "alpha": 0.0,  # 0 means alpha = rank (scale 1)
+        "targets": "q,k,v,o",
+        "modes": "heads,matrices,layers",
+        "dropout": 0.0,
+    })
+    cfg.loss = default_loss_config()
+    cfg.optim = mlc.ConfigDict({
+        "lr": 1e-3, "eps": 1e-6, "betas": (0.9, 0.999),
+        "warmup_steps": 1000, "decay_start": 50000, "decay_every": 50000, "decay_factor": 0.95,
+        "clip_grad_norm": 0.1,
+        "ema_decay": 0.0,  # 0 disables EMA; AF2 uses 0.999 (validation then runs on EMA weights)
+    })
+    cfg.train = mlc.ConfigDict({
+        "steps": 1000,
+        "batch_size": 1,  # per process and micro-step
+        "effective_batch_size": 1,  # reached by gradient accumulation (across processes too)
+        "crop_size": 256,
+        "max_recycles": 3,  # recycles sampled uniformly in 0..max per step; gradients through the last
+        "seed": 0,
+        "log_every": 10,
+        "val_every": 500,
+        "ckpt_every": 500,
+        "bf16": True,  # bf16 autocast on GPU (never on CPU)
+        "diverge_loss_threshold": 1e4,  # a loss above this (or non-finite) marks the run diverged
+        "num_threads": 0,  # torch CPU threads; 0 leaves torch's default
+        "device": "auto",
+    })
+    cfg.data = mlc.ConfigDict({
+        "source": "demo",  # demo | openfold | dir
+        "root": "",  # demo: data root (default <project>/data/demo)
+        "mmcif_dir": "", "chain_data_cache": "",  # openfold layout
+        "train_dir": "", "val_dir": "",  # plain directories of PDB/mmCIF files
+        "val_mmcif_dir": "", "val_chain_data_cache": "",  # openfold-layout validation set (optional)
+        "cache_dir": "",  # default <project>/data/cache/<source>
+        "max_resolution": 9.0, "max_single_residue_fraction": 0.8, "max_length": 0,
+        "min_release_date": "", "max_release_date": "",
+        "val_max_length": 700, "val_max_chains": 0,
+        "unknown_resolution": 0.0,
+        "num_workers": 0,
+    })
+    cfg.val = mlc.ConfigDict({"num_recycles": 3, "crop_size": 0})
+    return cfg
+
+
+def project_root() -> Path:
+    from ..data.demo import project_root as root
+
+    return root()
+
+
+def load_config(name_or_path: str) -> mlc.ConfigDict:
+    """A named config from `configs/` (e.g. 'demo') or a path to a config .py file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = project_root() / "configs" / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in (project_root() / "configs").glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"no config {name_or_path!r} (looked for {path}); known: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"esmfold_peft_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.name = cfg.get("name", path.stem) if cfg.get("name") not in (None, "base") else path.stem
+    return cfg
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("none", "null"):
+            return None
+        return text
+
+
+def apply_overrides(cfg: mlc.ConfigDict, overrides) -> mlc.ConfigDict:
+    """Apply `key.path=value` strings; unknown keys are an error (typos never pass silently)."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = cfg
+        for part in parts[:-1]:
+            if part not in node:
+                raise KeyError(f"unknown config key {key!r} (no {part!r})")
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {key!r}; keys here: {', '.join(sorted(node.keys()))}")
+        value = _parse_value(text)
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, str) and not isinstance(value, str):
+            value = text
+        node[leaf] = value
+    return cfg
+
+
+def adapter_alpha(cfg) -> float:
+    return float(cfg.adapter.alpha) if cfg.adapter.alpha else float(cfg.adapter.rank)

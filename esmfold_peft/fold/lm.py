@@ -1,0 +1,193 @@
+"""Building or loading the ESM-2 language model (fair-esm's `ESM2`).
+
+Sources, in the order they are tried for a config `lm`:
+  * `lm.path` a local file or directory: a fair-esm `.pt` checkpoint, or a Hugging Face ESM
+    checkpoint (a directory with `config.json` + `pytorch_model.bin`/`model.safetensors`, or the
+    weights file alone), converted to fair-esm names;
+  * `lm.name` a fair-esm model name, through fair-esm's own loader (torch hub cache, or a
+    download where the network allows it);
+  * `lm.random_init=True`: random weights for the named architecture, with a loud warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import compat  # noqa: F401  (torch.load allow-list for fair-esm checkpoints)
+from ..adapters.layouts import architecture
+
+log = logging.getLogger(__name__)
+
+
+class LanguageModelError(RuntimeError):
+    pass
+
+
+# Hugging Face ESM -> fair-esm ESM2 parameter names (per layer, then global)
+_HF_LAYER = [
+    (r"attention\.self\.query\.", "self_attn.q_proj."),
+    (r"attention\.self\.key\.", "self_attn.k_proj."),
+    (r"attention\.self\.value\.", "self_attn.v_proj."),
+    (r"attention\.output\.dense\.", "self_attn.out_proj."),
+    (r"attention\.LayerNorm\.", "self_attn_layer_norm."),
+    (r"intermediate\.dense\.", "fc1."),
+    (r"output\.dense\.", "fc2."),
+    (r"LayerNorm\.", "final_layer_norm."),
+]
+_HF_GLOBAL = {
+    "embeddings.word_embeddings.weight": "embed_tokens.weight",
+    "encoder.emb_layer_norm_after.weight": "emb_layer_norm_after.weight",
+    "encoder.emb_layer_norm_after.bias": "emb_layer_norm_after.bias",
+    "contact_head.regression.weight": "contact_head.regression.weight",
+    "contact_head.regression.bias": "contact_head.regression.bias",
+}
+_HF_LM_HEAD = {"lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight",
+               "lm_head.layer_norm.bias", "lm_head.bias"}
+# present in HF checkpoints but without a counterpart in fair-esm's ESM2 (rotary models)
+# rotary inv_freq buffers are recomputed by fair-esm (and transformers 5 saves one shared `layer.*` copy)
+_HF_IGNORED = re.compile(r"^(embeddings\.position_ids|embeddings\.position_embeddings\.weight|classifier\..*"
+                         r"|pooler\..*|(encoder\.layer\.[^.]+\.attention\.self\.)?rotary_embeddings\.inv_freq)$")
+# LayerNorm parameters saved under their legacy names (transformers 5 writes these)
+_LEGACY_NORM = re.compile(r"(LayerNorm|layer_norm|emb_layer_norm_after)\.(gamma|beta)$")
+
+
+def convert_hf_esm_state_dict(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], list]:
+    """Rename a Hugging Face `EsmModel`/`EsmFor*` state dict to fair-esm `ESM2` names.
+
+    Returns (converted, ignored_keys). Unknown keys raise, so a wrong file is never half-read.
+    """
+    out, ignored, unknown = {}, [], []
+    for key, value in sd.items():
+        k = key[len("esm."):] if key.startswith("esm.") else key
+        k = _LEGACY_NORM.sub(lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", k)
+        if k in _HF_LM_HEAD:
+            out[k] = value
+            continue
+        if _HF_IGNORED.match(k):
+            ignored.append(key)
+            continue
+        if k in _HF_GLOBAL:
+            out[_HF_GLOBAL[k]] = value
+            continue
+        m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", k)
+        if m:
+            rest = m.group(2)
+            for pattern, repl in _HF_LAYER:
+                if re.match(pattern, rest):
+                    out[f"layers.{m.group(1)}.{re.sub('^' + pattern, repl, rest)}"] = value
+                    break
+            else:
+                unknown.append(key)
+            continue
+        unknown.append(key)
+    if unknown:
+        raise LanguageModelError(f"not a Hugging Face ESM checkpoint? unknown keys: {', '.join(unknown[:6])}")
+    return out, ignored
+
+
+def _infer_shape(sd: Dict[str, torch.Tensor], heads: Optional[int]) -> Tuple[int, int, int]:
+    n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    dim = sd["embed_tokens.weight"].shape[1]
+    if heads is None:
+        inv = sd.get("layers.0.self_attn.rot_emb.inv_freq")
+        if inv is None:
+            raise LanguageModelError("cannot infer the number of attention heads; give model.lm.heads")
+        heads = dim // (2 * inv.shape[0])  # rotary inv_freq has head_dim/2 entries
+    return n_layers, dim, heads
+
+
+def _build_esm2(n_layers: int, dim: int, heads: int):
+    import esm
+
+    return esm.model.esm2.ESM2(num_layers=n_layers, embed_dim=dim, attention_heads=heads,
+                               alphabet="ESM-1b", token_dropout=True)
+
+
+def load_hf_esm(path: Path, heads: Optional[int] = None):
+    """A fair-esm ESM2 from a Hugging Face ESM checkpoint (directory or weights file)."""
+    path = Path(path)
+    weights = path
+    config = {}
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                weights = path / name
+                break
+        else:
+            raise LanguageModelError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+    elif (path.parent / "config.json").is_file():
+        config = json.loads((path.parent / "config.json").read_text())
+    if config and config.get("model_type") not in (None, "esm"):
+        raise LanguageModelError(f"{path}: config model_type is {config.get('model_type')!r}, not 'esm'")
+    if config.get("position_embedding_type", "rotary") != "rotary" or config.get("emb_layer_norm_before"):
+        raise LanguageModelError(f"{path}: only ESM-2 style checkpoints (rotary, no emb_layer_norm_before) convert "
+                                 "to fair-esm ESM2")
+    if config.get("layer_norm_eps", 1e-5) != 1e-5:
+        log.warning("%s: layer_norm_eps=%s, but fair-esm's ESM2 uses 1e-5; outputs will differ slightly",
+                    path, config["layer_norm_eps"])
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(weights))
+    else:
+        raw = torch.load(str(weights), map_location="cpu", weights_only=True)
+    sd, ignored = convert_hf_esm_state_dict(raw)
+    heads = heads or config.get("num_attention_heads")
+    n_layers, dim, heads = _infer_shape(sd, heads)
+    ffn = sd["layers.0.fc1.weight"].shape[0]
+    if ffn != 4 * dim:  # fair-esm's ESM2 fixes the feed-forward width at 4·d
+        raise LanguageModelError(f"{path}: feed-forward width {ffn} is not 4 x {dim}; not an ESM-2 architecture")
+    model = _build_esm2(n_layers, dim, heads)
+    sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])  # tied in fair-esm
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise LanguageModelError(f"{path}: unexpected parameters after conversion: {', '.join(unexpected[:6])}")
+    missing = [k for k in missing if not k.endswith("rot_emb.inv_freq")]  # recomputed by fair-esm
+    if any(not k.startswith(("lm_head.", "contact_head.")) for k in missing):
+        raise LanguageModelError(f"{path}: missing parameters after conversion: {', '.join(missing[:6])}")
+    if missing:
+        log.info("%s has no %s; they keep their random initialisation (the folding model does not use them)",
+                 path, ", ".join(sorted({k.split('.')[0] for k in missing})))
+    return model
+
+
+def load_language_model(lm_cfg):
+    """(ESM2 model, alphabet, description) from a config with keys name, path, random_init, heads."""
+    import esm
+
+    path = lm_cfg.get("path")
+    name = lm_cfg.get("name")
+    if path:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise LanguageModelError(f"language model path {p} does not exist")
+        if p.is_file() and p.suffix == ".pt":
+            model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(p))
+            return model, alphabet, f"fair-esm checkpoint {p}"
+        model = load_hf_esm(p, heads=lm_cfg.get("heads"))
+        return model, model.alphabet, f"Hugging Face ESM checkpoint {p} (converted)"
+    if not name:
+        raise LanguageModelError("no language model given: set model.lm.name or model.lm.path")
+    if lm_cfg.get("random_init"):
+        layout = architecture(name)
+        warnings.warn(f"language model {name} is RANDOMLY INITIALISED (model.lm.random_init=True): "
+                      "results say nothing about a pretrained ESM-2", stacklevel=2)
+        model = _build_esm2(layout.n_layers, layout.d_model, layout.n_heads)
+        return model, model.alphabet, f"random {name}"
+    try:
+        model, alphabet = esm.pretrained.load_model_and_alphabet(name)
+    except Exception as exc:  # offline machines end here
+        raise LanguageModelError(
+            f"could not load {name!r} with fair-esm ({type(exc).__name__}: {exc}). Without network, give a local "
+            "checkpoint with model.lm.path=FILE_OR_DIR (fair-esm .pt or Hugging Face ESM), or set "
+            "model.lm.random_init=True for random weights") from exc
+    return model, alphabet, f"fair-esm {name}"

@@ -1,0 +1,183 @@
+"""The training loop on tiny runs: adapters, exact resume, divergence, interruption, DDP with gloo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from esmfold_peft.adapters import read_adapter_config
+from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
+from esmfold_peft.fold.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, train, train_model
+from fold_fixtures import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("adapter", ["lorta", "lora", "none", "full"])
+def test_tiny_run_for_each_adapter(tmp_path, adapter):
+    cfg = tiny_run_config(tmp_path, adapter=adapter, steps=3)
+    status, model = train_model(cfg, tmp_path / "run", progress=False)
+    assert status == EXIT_OK
+    s = summary(tmp_path / "run")
+    assert s["status"] == "completed" and s["steps"] == 3 and not s["diverged"]
+    assert s["val_lddt_ca_initial"] is not None and s["val_lddt_ca_final"] is not None
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert (tmp_path / "run" / "model" / "fold_model.safetensors").is_file()
+    has_adapter = (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert has_adapter == (adapter in ("lorta", "lora"))
+    if has_adapter:
+        assert read_adapter_config(tmp_path / "run" / "adapter")["method"] == adapter
+        assert s["trainable_parameters"]["adapter"] > 0
+        assert model.esm.peft.get().B.abs().max() > 0 if adapter == "lorta" else True
+    # the exported run loads back into the same function
+    loaded, _ = load_trained_model(tmp_path / "run")
+    batch_aa = torch.randint(0, 20, (1, 12))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = model(batch_aa, num_recycles=0)["positions"]
+        b = loaded(batch_aa, num_recycles=0)["positions"]
+    torch.testing.assert_close(a, b)
+
+
+def test_lorta_factors_move_from_initial_values(tmp_path):
+    cfg = tiny_run_config(tmp_path, adapter="lorta", steps=4)
+    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.train import seed_everything
+
+    seed_everything(cfg.train.seed)
+    initial = {n: p.detach().clone() for n, p in build_model(cfg).esm.peft.get().named_parameters()}
+    _, model = train_model(cfg, tmp_path / "run", progress=False)
+    for n, p in model.esm.peft.get().named_parameters():
+        assert not torch.equal(p, initial[n]), f"LoRTA factor {n} did not change"
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    full = tiny_run_config(tmp_path, steps=6)
+    full.train.ckpt_every = 2
+    full.optim.ema_decay = 0.9
+    assert train(full, tmp_path / "full", progress=False) == EXIT_OK
+
+    half = tiny_run_config(tmp_path, steps=3)
+    half.train.ckpt_every = 2
+    half.optim.ema_decay = 0.9
+    assert train(half, tmp_path / "half", progress=False) == EXIT_OK
+    half.train.steps = 6
+    assert train(half, tmp_path / "half", resume=True, progress=False) == EXIT_OK
+
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = read_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r]
+    assert losses(tmp_path / "full") == losses(tmp_path / "half")
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path):
+    cfg = tiny_run_config(tmp_path, steps=1)
+    assert train(cfg, tmp_path / "run", progress=False) == EXIT_OK
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+    cfg.adapter.rank = 3
+    with pytest.raises(ValueError, match="differs from the checkpoint's in adapter"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_divergence_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
+    cfg = tiny_run_config(tmp_path, steps=2)
+    assert train(cfg, tmp_path / "run", progress=False) == EXIT_OK
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = ckpt.read_bytes()
+    cfg.train.steps = 5
+    cfg.train.diverge_loss_threshold = 1e-3  # any real loss is above this
+    assert train(cfg, tmp_path / "run", resume=True, progress=False) == EXIT_DIVERGED
+    s = summary(tmp_path / "run")
+    assert s["diverged"] and s["status"] == "diverged"
+    assert s["divergence"]["step"] == 2 and "above train.diverge_loss_threshold" in s["divergence"]["rule"]
+    assert ckpt.read_bytes() == before  # the last good checkpoint is untouched
+
+
+def test_nan_loss_is_a_divergence(tmp_path):
+    cfg = tiny_run_config(tmp_path, steps=4)
+    cfg.optim.lr = 1e30  # Adam moves every parameter by ~1e30: the next loss is not finite
+    cfg.optim.warmup_steps = 0
+    cfg.train.diverge_loss_threshold = float("inf")
+    assert train(cfg, tmp_path / "run", progress=False) == EXIT_DIVERGED
+    assert "non-finite" in summary(tmp_path / "run")["divergence"]["rule"]
+
+
+def test_interrupted_run_resumes(tmp_path):
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "from pathlib import Path\n"
+        "from fold_fixtures import tiny_run_config\n"
+        f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps=100000)\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--out", str(run),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    s = summary(run)
+    assert s["status"] == "interrupted"
+    stopped = read_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert stopped == s["steps"] >= 3
+    resumed = subprocess.run(cmd + ["--resume", "--steps", str(stopped + 2)], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-2000:]
+    assert summary(run)["steps"] == stopped + 2
+
+
+def _ddp_worker(rank, world, port, tmp, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    sys.path.insert(0, str(TESTS))
+    from fold_fixtures import tiny_run_config as make
+
+    cfg = make(Path(tmp), steps=3)
+    cfg.train.effective_batch_size = 4  # 2 per process
+    status, model = train_model(cfg, Path(out), progress=False)
+    torch.save({"status": status, "params": {n: p.detach() for n, p in model.named_parameters()
+                                              if p.requires_grad}}, Path(tmp) / f"rank{rank}.pt")
+
+
+def test_ddp_two_processes_hold_identical_parameters(tmp_path):
+    tiny_run_config(tmp_path)  # write the shared files once, before the processes start
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), str(tmp_path / "run")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["status"] == r1["status"] == EXIT_OK
+    assert r0["params"].keys() == r1["params"].keys()
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    s = summary(tmp_path / "run")
+    assert s["processes"] == 2 and s["steps"] == 3
