@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml tools/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) scripts/adapter_demo.py
+	$(PY) scripts/train_fold.py --config demo --adapter lorta --rank 8
 
 test: setup
 	$(PY) -m pytest -q

@@ -35,6 +35,7 @@ from .checkpoint import (LAST, export_model, load_trained_state, read_checkpoint
                          set_rng_state, write_json_atomic)
 from .config import adapter_alpha, project_root
 from .losses import fold_loss
+from .plots import plot_training_curves
 from .validate import autocast_for, maybe, validate
 
 log = logging.getLogger("esmfold_peft.train")
@@ -385,6 +386,7 @@ def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progre
             "val_final": final_val, "ema": bool(ema),
         }
         write_json_atomic(out_dir / "summary.json", summary)
+        plot_training_curves(out_dir)
         log.info("wrote %s (status: %s, LDDT-Ca %s -> %s)", out_dir, summary["status"],
                  fmt(summary["val_lddt_ca_initial"]), fmt(summary["val_lddt_ca_final"]))
     if d.world > 1:
