@@ -32,7 +32,8 @@ def test_layout_detection(family):
     model = tm.FAMILIES[family]()
     layout = detect_layout(model)
     expect = {"fair-esm": ("fair-esm", 2, 64, 4, 4, 16), "hf-bert": ("hf-bert", 2, 32, 4, 4, 8),
-              "hf-roberta": ("hf-bert", 2, 32, 4, 4, 8), "hf-llama-gqa": ("hf-llama", 2, 48, 6, 2, 8)}[family]
+              "hf-roberta": ("hf-bert", 2, 32, 4, 4, 8), "hf-esm": ("hf-bert", 2, 32, 4, 4, 8),
+              "hf-llama-gqa": ("hf-llama", 2, 48, 6, 2, 8)}[family]
     got = (layout.family, layout.n_layers, layout.d_model, layout.n_heads, layout.n_kv_heads, layout.head_dim)
     assert got == expect
 

@@ -41,6 +41,28 @@ def test_hf_checkpoint_converts_to_the_same_function(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_local_fair_esm_checkpoint_loads_without_regression_file(tmp_path):
+    import argparse
+
+    import esm
+    import ml_collections as mlc
+
+    torch.manual_seed(0)
+    ref = esm.model.esm2.ESM2(num_layers=2, embed_dim=32, attention_heads=4).eval()
+    state = {f"encoder.sentence_encoder.{k}": v for k, v in ref.state_dict().items()
+             if not k.startswith("contact_head.regression")}
+    cfg = argparse.Namespace(encoder_layers=2, encoder_embed_dim=32, encoder_attention_heads=4, token_dropout=True)
+    torch.save({"cfg": {"model": cfg}, "model": state}, tmp_path / "my_tiny_esm2.pt")
+    model, _, desc = load_language_model(mlc.ConfigDict({"path": str(tmp_path / "my_tiny_esm2.pt"), "name": ""}))
+    toks = torch.tensor([[0, 5, 6, 7, 8, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(toks)["logits"], ref(toks)["logits"])
+    assert "fair-esm checkpoint" in desc
+    torch.save({"weights": state}, tmp_path / "other.pt")
+    with pytest.raises(LanguageModelError, match="not a fair-esm checkpoint"):
+        load_language_model(mlc.ConfigDict({"path": str(tmp_path / "other.pt"), "name": ""}))
+
+
 def test_language_model_errors_are_clear(tmp_path, monkeypatch):
     import esm
     import ml_collections as mlc

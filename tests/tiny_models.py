@@ -41,6 +41,16 @@ def hf_roberta(layers=2, dim=32, heads=4):
     return RobertaModel(cfg)
 
 
+def hf_esm(layers=2, dim=32, heads=4):
+    from transformers import EsmConfig, EsmModel
+
+    cfg = EsmConfig(vocab_size=33, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=4 * dim, position_embedding_type="rotary", token_dropout=False,
+                    pad_token_id=1, mask_token_id=32, max_position_embeddings=64, layer_norm_eps=1e-5,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return EsmModel(cfg, add_pooling_layer=False)
+
+
 def hf_llama(layers=2, dim=48, heads=6, kv_heads=2):
     from transformers import LlamaConfig, LlamaModel
 
@@ -67,5 +77,6 @@ FAMILIES = {
     "fair-esm": fair_esm2,
     "hf-bert": hf_bert,
     "hf-roberta": hf_roberta,
+    "hf-esm": hf_esm,
     "hf-llama-gqa": hf_llama,
 }

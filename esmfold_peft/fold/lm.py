@@ -160,6 +160,25 @@ def load_hf_esm(path: Path, heads: Optional[int] = None):
     return model
 
 
+def load_fair_esm_checkpoint(path: Path):
+    """A local fair-esm `.pt` (ESM-2 `cfg` format or ESM-1 `args` format); the contact-regression
+    file beside it (`<stem>-contact-regression.pt`) is optional, unlike in fair-esm's own loader."""
+    import esm
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LanguageModelError(f"cannot read fair-esm checkpoint {path}: {exc}") from exc
+    if not isinstance(data, dict) or "model" not in data or not ({"cfg", "args"} & set(data)):
+        raise LanguageModelError(f"{path} is not a fair-esm checkpoint (expected keys 'model' and 'cfg' or 'args')")
+    regression_path = path.with_name(f"{path.stem}-contact-regression.pt")
+    regression = torch.load(str(regression_path), map_location="cpu", weights_only=True) \
+        if regression_path.is_file() else None
+    # fair-esm picks the ESM-2 code path by name; a renamed ESM-2 file is recognised by its `cfg`
+    name = path.stem if path.stem.startswith("esm") else ("esm2_local" if "cfg" in data else "esm1_local")
+    return esm.pretrained.load_model_and_alphabet_core(name, data, regression)
+
+
 def load_language_model(lm_cfg):
     """(ESM2 model, alphabet, description) from a config with keys name, path, random_init, heads."""
     import esm
@@ -171,7 +190,7 @@ def load_language_model(lm_cfg):
         if not p.exists():
             raise LanguageModelError(f"language model path {p} does not exist")
         if p.is_file() and p.suffix == ".pt":
-            model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(p))
+            model, alphabet = load_fair_esm_checkpoint(p)
             return model, alphabet, f"fair-esm checkpoint {p}"
         model = load_hf_esm(p, heads=lm_cfg.get("heads"))
         return model, model.alphabet, f"Hugging Face ESM checkpoint {p} (converted)"
