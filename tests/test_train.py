@@ -181,3 +181,28 @@ def test_ddp_two_processes_hold_identical_parameters(tmp_path):
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     s = summary(tmp_path / "run")
     assert s["processes"] == 2 and s["steps"] == 3
+
+
+def test_openfold_layout_source_trains(tmp_path, to_mmcif):
+    """mmCIF directory + chain_data_cache.json, with its filters and cluster-size weights."""
+    from fold_fixtures import synthetic_chain_pdb
+
+    mmcif_dir = tmp_path / "mmcif"
+    mmcif_dir.mkdir()
+    cache = {}
+    for i, pdb_id in enumerate(["1abc", "2def", "3ghi"]):
+        text = synthetic_chain_pdb(copies=2 + i, seed=i)
+        (mmcif_dir / f"{pdb_id}.cif").write_text(to_mmcif(text.splitlines()))
+        cache[f"{pdb_id}_A"] = {"release_date": "2020-01-01", "seq": "NIAEVCMD" * (2 + i),
+                                "resolution": 2.0 if i < 2 else 12.0, "cluster_size": 1 + i}
+    (tmp_path / "chain_data_cache.json").write_text(json.dumps(cache))
+    cfg = tiny_run_config(tmp_path, steps=2)
+    cfg.data.source = "openfold"
+    cfg.data.mmcif_dir = str(mmcif_dir)
+    cfg.data.chain_data_cache = str(tmp_path / "chain_data_cache.json")
+    cfg.data.val_mmcif_dir = str(mmcif_dir)
+    cfg.data.cache_dir = str(tmp_path / "of_cache")
+    assert train(cfg, tmp_path / "run", progress=False) == EXIT_OK
+    manifest = json.loads((tmp_path / "of_cache" / "train" / "manifest.json").read_text())
+    assert sorted(c["name"] for c in manifest["chains"]) == ["1abc_A", "2def_A"]  # 12 Å is filtered out
+    assert summary(tmp_path / "run")["val_final"]["n_chains"] == 2
