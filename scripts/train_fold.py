@@ -83,11 +83,15 @@ def main(argv=None) -> int:
         print("error: --resume needs --out RUN_DIR", file=sys.stderr)
         return 2
     out = args.out or default_out(cfg)
+    from esmfold_peft.data.demo import DemoDataError
+    from esmfold_peft.fold.checkpoint import CheckpointError
+    from esmfold_peft.fold.lm import LanguageModelError
     from esmfold_peft.fold.train import train
 
     try:
         status = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, LanguageModelError, CheckpointError,
+            DemoDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run directory: {out}")
