@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Evaluate predicted protein structures against reference structures.
+"""Evaluate predicted protein structures against reference structures, or a trained run on its data.
 
 Scores every predicted chain against its reference chain: LDDT-Cα (AF2/OpenFold convention, both
 the pooled global score and the mean of per-residue scores), Cα RMSD, GDT-TS, TM-score, and the
 mean pLDDT when the predicted B-factors hold it. Writes report.json, report.md and PNG plots.
+With --run, the run's model predicts its own validation (or training) chains through the code
+training validates with, so the headline LDDT-Cα is the validation number training reports.
 
 Examples:
   python scripts/evaluate.py --pred pred/1abc.pdb --ref ref/1abc.cif --out eval_out
   python scripts/evaluate.py --pred predictions/ --ref references/ --out eval_out
+  python scripts/evaluate.py --run runs/demo-lorta-r8 --split val --out eval_val
+  python scripts/evaluate.py --run runs/demo-lorta-r8 --checkpoint runs/demo-lorta-r8/checkpoints/last.pt \\
+      --split train --num-recycles 3 --out eval_train
 """
 
 from __future__ import annotations
@@ -19,9 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths  # noqa: E402
+from esmfold_peft.eval.evaluate import SPLITS, EvaluationRun, evaluate_paths, evaluate_run  # noqa: E402
 from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
 from esmfold_peft.eval.report import summarize  # noqa: E402
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             ".cif, .mmcif, optionally gzipped. Chains are paired by chain id (a single chain on each "
             "side is paired whatever its id), residues by residue number when the sequences agree "
             "under it, else by sequence alignment. Exit status: 0 if every file and chain was "
-            "evaluated, 1 if any failed (the others are still evaluated and reported)."),
+            "evaluated, 1 if any failed (the others are still evaluated and reported) or an input cannot be "
+            "used, 2 for a malformed command line. Give either --pred and --ref, or --run.")
+        + "\n\n" + __doc__.split("\n\n", 2)[2].rstrip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     files = parser.add_argument_group("evaluate structure files")
@@ -40,10 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predicted structure file, or a directory of them")
     files.add_argument("--ref", type=Path, metavar="FILE_OR_DIR",
                        help="reference structure file, or a directory of them (matched to --pred by file stem)")
+    files.add_argument("--lddt-cutoff", type=float, metavar="ANGSTROM",
+                       help=f"LDDT inclusion radius on reference distances (default: {LDDT_CUTOFF:g}; "
+                            "a run is always evaluated with the default, as training validates)")
+    run = parser.add_argument_group("evaluate a trained run on its data (as training validates)")
+    run.add_argument("--run", type=Path, metavar="RUN_DIR", help="training run directory")
+    run.add_argument("--split", choices=SPLITS, default="val",
+                     help="the run's validation chains, or its training chains (cropped like validation); "
+                          "default: %(default)s")
+    run.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                     help="evaluate this training checkpoint (EMA weights when it has them) instead of the run's "
+                          "exported model")
+    run.add_argument("--num-recycles", type=non_negative_int, metavar="N",
+                     help="trunk recycles (default: the run's val.num_recycles)")
+    run.add_argument("--max-chains", type=non_negative_int, metavar="N",
+                     help="the first N chains only, 0 for all (default: the run's data.val_max_chains for val, "
+                          "all for train)")
+    run.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory for report.json, report.md and the plots (created if needed)")
-    parser.add_argument("--lddt-cutoff", type=float, default=LDDT_CUTOFF, metavar="ANGSTROM",
-                        help="LDDT inclusion radius on reference distances (default: %(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -72,8 +101,9 @@ def print_summary(run: EvaluationRun) -> None:
 
 def evaluate_files(args: argparse.Namespace) -> int:
     """--pred/--ref mode: score structure files, write the report, return the exit status."""
+    cutoff = LDDT_CUTOFF if args.lddt_cutoff is None else args.lddt_cutoff
     try:
-        run = evaluate_paths(args.pred, args.ref, args.out, lddt_cutoff=args.lddt_cutoff,
+        run = evaluate_paths(args.pred, args.ref, args.out, lddt_cutoff=cutoff,
                              plots=not args.no_plots, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -82,12 +112,41 @@ def evaluate_files(args: argparse.Namespace) -> int:
     return 0 if run.ok else 1
 
 
+def evaluate_trained_run(args: argparse.Namespace) -> int:
+    """--run mode: validate the run on a split, write the report, return the exit status."""
+    from esmfold_peft.adapters import AdapterConfigError, AdapterLoadError
+    from esmfold_peft.fold.checkpoint import CheckpointError
+    from esmfold_peft.fold.lm import LanguageModelError
+    from esmfold_peft.fold.predict import PredictionError
+
+    try:
+        run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
+                           num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
+                           progress=not args.quiet)
+    except (CheckpointError, LanguageModelError, AdapterLoadError, AdapterConfigError, PredictionError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    v = run.validation
+    print(f"{args.split} split of {args.run}: validation LDDT-Cα {_fmt(v['lddt_ca'])} "
+          f"({v['aggregation']}, {v['n_chains']} chain(s)), the number training reports")
+    print_summary(run)
+    return 0 if run.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Each mode has its own argument group and function; --pred/--ref is the only one so far.
+    files_mode = args.pred is not None or args.ref is not None
+    if args.run is not None:
+        if files_mode:
+            parser.error("give either --pred/--ref or --run, not both")
+        if args.lddt_cutoff is not None and args.lddt_cutoff != LDDT_CUTOFF:
+            parser.error(f"--lddt-cutoff applies to --pred/--ref; a run is evaluated as training validates "
+                         f"({LDDT_CUTOFF:g} Å)")
+        return evaluate_trained_run(args)
     if args.pred is None or args.ref is None:
-        parser.error("--pred and --ref are both required")
+        parser.error("--pred and --ref are both required (or give --run)")
     return evaluate_files(args)
 
 

@@ -254,10 +254,11 @@ class ReportFiles:
 
 def write_report(chains: Sequence[ChainScores], out_dir: str | Path,
                  failures: Sequence[EvaluationFailure] = (), lddt_cutoff: float = LDDT_CUTOFF,
-                 plots: bool = True) -> ReportFiles:
+                 plots: bool = True, extra: dict | None = None, extra_markdown: str = "") -> ReportFiles:
     """Write `report.json`, `report.md` and (with `plots`) the PNG figures into `out_dir`.
 
-    `lddt_cutoff` is the inclusion radius the chains were scored with (recorded in `settings`).
+    `lddt_cutoff` is the inclusion radius the chains were scored with (recorded in `settings`);
+    `extra` adds top-level sections to report.json and `extra_markdown` text to report.md.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,9 +281,10 @@ def write_report(chains: Sequence[ChainScores], out_dir: str | Path,
         "chains": [chain_record(c) for c in chains],
         "failures": [{"path": f.path, "reason": f.reason} for f in failures],
         "figures": [p.name for p in figures],
+        **(extra or {}),
     }
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     md_path = out_dir / "report.md"
-    md_path.write_text(markdown_report(summary, chains, failures, figures))
+    md_path.write_text(markdown_report(summary, chains, failures, figures) + extra_markdown)
     return ReportFiles(json=json_path, markdown=md_path, figures=figures)

@@ -16,12 +16,11 @@ import ml_collections as mlc
 import torch
 
 from .. import compat  # noqa: F401
+from .model import CA, predicted_atom37
 
-from openfold.utils.feats import atom14_to_atom37  # noqa: E402
 from openfold.utils.loss import (compute_renamed_ground_truth, distogram_loss, fape_loss,  # noqa: E402
                                  lddt_loss, supervised_chi_loss, tm_loss)
 
-CA = 1  # atom37 index of Cα
 
 
 def default_loss_config() -> mlc.ConfigDict:
@@ -56,7 +55,7 @@ def fold_loss(out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor], cfg:
         out["angles"], out["unnormalized_angles"], **{**batch, **_kw(cfg.supervised_chi)})
     terms["distogram"] = distogram_loss(logits=out["distogram_logits"], **{**batch, **_kw(cfg.distogram)})
     if cfg.plddt.weight:
-        atom37 = atom14_to_atom37(positions, batch)
+        atom37 = predicted_atom37(out, batch["seq_mask"])[0]
         terms["plddt"] = lddt_loss(logits=out["lddt_head"][-1][..., CA, :], all_atom_pred_pos=atom37,
                                    **{**batch, **_kw(cfg.plddt)})
     if cfg.tm.weight:

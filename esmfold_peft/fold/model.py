@@ -25,8 +25,10 @@ from esm.esmfold.v1.tri_self_attn_block import TriangularSelfAttentionBlock  # n
 from esm.esmfold.v1.trunk import FoldingTrunk  # noqa: E402
 from openfold.data.data_transforms import make_atom14_masks  # noqa: E402
 from openfold.np import residue_constants  # noqa: E402
+from openfold.utils.feats import atom14_to_atom37  # noqa: E402
 from openfold.utils.loss import compute_predicted_aligned_error, compute_tm  # noqa: E402
 
+CA = residue_constants.atom_order["CA"]  # 1, in atom14 and atom37 alike
 STRUCTURE_KEYS = ("s_z", "s_s", "frames", "sidechain_frames", "unnormalized_angles", "angles", "positions", "states")
 DISTOGRAM_BINS = 64
 LDDT_BINS = 50
@@ -46,6 +48,24 @@ def trunk_kwargs(trunk_cfg) -> dict:
     d = trunk_cfg.to_dict() if hasattr(trunk_cfg, "to_dict") else dict(trunk_cfg)
     d["structure_module"] = dict(d["structure_module"])
     return d
+
+
+def predicted_atom37(out: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, L, 37, 3], atom mask [B, L, 37]) of the final structure.
+
+    From the structure module's atom14 positions (as ESMFold writes them), except that X residues,
+    for which openfold places no atom at all, get a Cα at the origin of their predicted backbone
+    frame (for the 20 standard residues that origin is exactly the predicted Cα).
+    """
+    aatype = out["aatype"]
+    feats = make_atom14_masks({"aatype": aatype})
+    positions = atom14_to_atom37(out["positions"][-1], feats)
+    atom_mask = feats["atom37_atom_exists"] * mask[..., None]
+    unknown = (aatype == residue_constants.restype_num) & (mask > 0)
+    origins = out["frames"][-1][..., 4:].to(positions.dtype)
+    positions[..., CA, :] = torch.where(unknown[..., None], origins, positions[..., CA, :])
+    atom_mask[..., CA] = torch.where(unknown, torch.ones_like(atom_mask[..., CA]), atom_mask[..., CA])
+    return positions, atom_mask
 
 
 def _ptm(logits: torch.Tensor) -> torch.Tensor:

@@ -158,44 +158,57 @@ def resolve_paths(cfg: mlc.ConfigDict) -> None:
         cfg.data.cache_dir = str(project_root() / "data" / "cache" / cfg.data.source)
 
 
-def sources_for(cfg: mlc.ConfigDict):
+def source_for(cfg: mlc.ConfigDict, split: str):
+    """The chains of `split` ('train' or 'val') for cfg.data.source; None when the split is not set."""
     d = cfg.data
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if d.source == "demo":
-        return demo_source("train", d.root), demo_source("val", d.root)
+        return demo_source(split, d.root)
     if d.source == "openfold":
-        flt = ChainFilter(max_resolution=d.max_resolution, max_single_residue_fraction=d.max_single_residue_fraction,
-                          max_length=d.max_length or None, min_release_date=d.min_release_date or None,
-                          max_release_date=d.max_release_date or None)
-        train = openfold_source(d.mmcif_dir, d.chain_data_cache, flt)
-        val = None
-        if d.val_mmcif_dir:
-            val = openfold_source(d.val_mmcif_dir, d.val_chain_data_cache or d.chain_data_cache,
-                                  ChainFilter(max_length=d.val_max_length or None))
-        return train, val
+        if split == "train":
+            flt = ChainFilter(max_resolution=d.max_resolution,
+                              max_single_residue_fraction=d.max_single_residue_fraction,
+                              max_length=d.max_length or None, min_release_date=d.min_release_date or None,
+                              max_release_date=d.max_release_date or None)
+            return openfold_source(d.mmcif_dir, d.chain_data_cache, flt)
+        if not d.val_mmcif_dir:
+            return None
+        return openfold_source(d.val_mmcif_dir, d.val_chain_data_cache or d.chain_data_cache,
+                               ChainFilter(max_length=d.val_max_length or None))
     if d.source == "dir":
-        if not d.train_dir:
+        if split == "train" and not d.train_dir:
             raise ValueError("data.source=dir needs data.train_dir (and optionally data.val_dir)")
-        return directory_source(d.train_dir), (directory_source(d.val_dir) if d.val_dir else None)
+        directory = d.train_dir if split == "train" else d.val_dir
+        return directory_source(directory) if directory else None
     raise ValueError(f"data.source must be demo, openfold or dir; got {d.source!r}")
 
 
+def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
+                crop_size: Optional[int] = None) -> Optional[ChainDataset]:
+    """The cached chains of one split (parsed once, reused while the source is unchanged).
+
+    Training chains are cropped to train.crop_size and validation chains to val.crop_size (0 =
+    whole chains), unless `crop_size` is given. None when the split has no source or no chain.
+    """
+    source = source_for(cfg, split)
+    if source is None:
+        return None
+    cache = build_cache(source, Path(cfg.data.cache_dir) / split, progress=is_main)
+    for path, reason in cache.bad if is_main else ():
+        log.warning("skipped %s: %s", path, reason)
+    if not len(cache):
+        return None
+    if crop_size is None:
+        crop_size = cfg.train.crop_size if split == "train" else (cfg.val.crop_size or None)
+    return ChainDataset(cache, crop_size=crop_size, unknown_resolution=cfg.data.unknown_resolution)
+
+
 def build_datasets(cfg: mlc.ConfigDict, is_main: bool):
-    train_src, val_src = sources_for(cfg)
-    cache_root = Path(cfg.data.cache_dir)
-    train_cache = build_cache(train_src, cache_root / "train", progress=is_main)
-    val_cache = build_cache(val_src, cache_root / "val", progress=is_main) if val_src is not None else None
-    for cache in (train_cache, val_cache):
-        for path, reason in (cache.bad if cache is not None else []):
-            if is_main:
-                log.warning("skipped %s: %s", path, reason)
-    if len(train_cache) == 0:
+    train = build_split(cfg, "train", is_main)
+    if train is None:
         raise ValueError(f"no usable training chains from data.source={cfg.data.source}")
-    unk = cfg.data.unknown_resolution
-    train = ChainDataset(train_cache, crop_size=cfg.train.crop_size, unknown_resolution=unk)
-    val = None
-    if val_cache is not None and len(val_cache):
-        val = ChainDataset(val_cache, crop_size=cfg.val.crop_size or None, unknown_resolution=unk)
-    return train, val
+    return train, build_split(cfg, "val", is_main)
 
 
 def batches(train: ChainDataset, sampler: WeightedBatchSampler, start_micro: int, num_workers: int):

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from ..data.features import collate
 from ..eval.lddt import lddt_ca_torch
+from .model import CA, predicted_atom37
 
-CA = 1  # Cα is index 1 in both atom14 and atom37
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -40,7 +40,8 @@ def validate(model, dataset, device: torch.device, num_recycles: int = 3, bf16: 
             batch = {k: v.to(device) for k, v in collate([feats]).items()}
             with autocast_for(device, bf16):
                 out = model(batch["aatype"], batch["mask"], batch["residue_index"], num_recycles=num_recycles)
-            pred = out["positions"][-1][..., CA, :].float()
+            atom37, atom37_mask = predicted_atom37(out, batch["mask"])
+            pred = atom37[..., CA, :].float()
             ref = batch["all_atom_positions"][..., CA, :].float()
             res = lddt_ca_torch(pred, ref, batch["all_atom_mask"][..., CA])
             plddt = out["plddt"][..., CA].float()
@@ -57,9 +58,8 @@ def validate(model, dataset, device: torch.device, num_recycles: int = 3, bf16: 
             })
             if keep_outputs:
                 outputs.append({"per_residue_lddt_ca": res.per_residue[0].cpu(), "plddt": plddt[0].cpu(),
-                                "positions": out["positions"][-1][0].float().cpu(),
-                                "aatype": batch["aatype"][0].cpu(), "residue_index": batch["residue_index"][0].cpu(),
-                                "atom14_atom_exists": out["atom14_atom_exists"][0].cpu()})
+                                "atom37_positions": atom37[0].float().cpu(), "atom37_mask": atom37_mask[0].cpu(),
+                                "aatype": batch["aatype"][0].cpu(), "residue_index": batch["residue_index"][0].cpu()})
     finally:
         model.train(was_training)
     scored = [c for c in chains if c["n_pairs"] > 0]
