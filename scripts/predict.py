@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from esmfold_peft.cli import non_negative_int, positive_int  # noqa: E402
 from esmfold_peft.adapters import AdapterConfigError, AdapterLoadError  # noqa: E402
 from esmfold_peft.data.fasta import FastaError  # noqa: E402
 from esmfold_peft.fold.checkpoint import CheckpointError  # noqa: E402
@@ -31,18 +32,6 @@ from esmfold_peft.fold.predict import (DEFAULT_MERGE_TOLERANCE, MergeMismatchErr
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
