@@ -206,3 +206,13 @@ def test_openfold_layout_source_trains(tmp_path, to_mmcif):
     manifest = json.loads((tmp_path / "of_cache" / "train" / "manifest.json").read_text())
     assert sorted(c["name"] for c in manifest["chains"]) == ["1abc_A", "2def_A"]  # 12 Å is filtered out
     assert summary(tmp_path / "run")["val_final"]["n_chains"] == 2
+
+
+def test_each_run_logs_to_its_own_file(tmp_path):
+    import logging
+
+    for name in ("a", "b"):
+        assert train(tiny_run_config(tmp_path, steps=1), tmp_path / name, progress=False) == EXIT_OK
+    assert "wrote" in (tmp_path / "a" / "train.log").read_text()
+    assert str(tmp_path / "b") not in (tmp_path / "a" / "train.log").read_text()
+    assert not [h for h in logging.getLogger("esmfold_peft").handlers if isinstance(h, logging.FileHandler)]

@@ -233,6 +233,16 @@ def train(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bo
 
 def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True):
     """Train; return (exit status, the trained model as this process holds it)."""
+    handlers: list = []  # the run's log file handler, removed when the run ends
+    try:
+        return _train_model(cfg, out_dir, resume, progress, handlers)
+    finally:
+        for handler in handlers:
+            logging.getLogger("esmfold_peft").removeHandler(handler)
+            handler.close()
+
+
+def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: bool, handlers: list):
     out_dir = Path(out_dir)
     d, device = setup_distributed(cfg.train.device)
     resolve_paths(cfg)
@@ -248,7 +258,7 @@ def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progre
         torch.set_num_threads(cfg.train.num_threads)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        setup_file_logging(out_dir)
+        handlers.append(setup_file_logging(out_dir))
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
         if cfg.data.source == "demo":
             ensure_demo_data(cfg.data.root, log=lambda m: log.info("demo data: %s", m))
@@ -477,10 +487,16 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def setup_file_logging(out_dir: Path) -> None:
+def setup_file_logging(out_dir: Path) -> logging.Handler:
+    """RUN/train.log receives the package's log records (INFO and up) while the run lasts."""
     handler = logging.FileHandler(out_dir / "train.log")
+    handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("esmfold_peft").addHandler(handler)
+    logger = logging.getLogger("esmfold_peft")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 def fmt(x) -> str:
