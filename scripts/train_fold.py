@@ -83,15 +83,11 @@ def main(argv=None) -> int:
         print("error: --resume needs --out RUN_DIR", file=sys.stderr)
         return 2
     out = args.out or default_out(cfg)
-    from esmfold_peft.data.demo import DemoDataError
-    from esmfold_peft.fold.checkpoint import CheckpointError
-    from esmfold_peft.fold.lm import LanguageModelError
-    from esmfold_peft.fold.train import train
+    from esmfold_peft.fold.train import RUN_SETUP_ERRORS, train
 
     try:
         status = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, ValueError, LanguageModelError, CheckpointError,
-            DemoDataError) as exc:
+    except RUN_SETUP_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run directory: {out}")

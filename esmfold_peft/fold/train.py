@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from ..data import ChainDataset, ChainFilter, build_cache, collate, demo_source, directory_source, openfold_source
 from ..data.dataset import WeightedBatchSampler, step_seed
-from ..data.demo import ensure_demo_data
+from ..data.demo import DemoDataError, ensure_demo_data
 from .build import build_model, parameter_counts
-from .checkpoint import (LAST, export_model, load_trained_state, read_checkpoint, save_checkpoint,
+from .checkpoint import (LAST, CheckpointError, export_model, load_trained_state, read_checkpoint, save_checkpoint,
                          set_rng_state, write_json_atomic)
 from .config import adapter_alpha, project_root
+from .lm import LanguageModelError
 from .losses import fold_loss
 from .plots import plot_training_curves
 from .validate import autocast_for, maybe, validate
@@ -41,6 +42,9 @@ from .validate import autocast_for, maybe, validate
 log = logging.getLogger("esmfold_peft.train")
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 130
+# what a run can fail with before it trains, from its inputs (scripts print these as one-line errors)
+RUN_SETUP_ERRORS = (FileExistsError, FileNotFoundError, ValueError, LanguageModelError, CheckpointError,
+                    DemoDataError)
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -156,6 +160,13 @@ def resolve_paths(cfg: mlc.ConfigDict) -> None:
         cfg.model.lm.path = cfg.model.lm.path.replace("{demo}", cfg.data.root or str(project_root() / "data" / "demo"))
     if not cfg.data.cache_dir:
         cfg.data.cache_dir = str(project_root() / "data" / "cache" / cfg.data.source)
+
+
+def has_validation_set(cfg: mlc.ConfigDict) -> bool:
+    """Whether the config names validation chains (without reading any data): the rule of `source_for`."""
+    d = cfg.data
+    return d.source == "demo" or (d.source == "dir" and bool(d.val_dir)) or \
+        (d.source == "openfold" and bool(d.val_mmcif_dir))
 
 
 def source_for(cfg: mlc.ConfigDict, split: str):
