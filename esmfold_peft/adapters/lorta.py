@@ -12,6 +12,10 @@ K = (B ⊗ w) laid out as an (H·d_H)×r matrix, K[h·d_H + j, k] = B[j,k] w[h,k
     o:      Δy = (x K) Aᵀ                                              (= (Σ_h x_h B ∘ w[h]) Aᵀ)
 
 K costs O(d·r) to form; each projection costs O(N·r·d), the order of LoRA, and q/k/v share x A.
+Aᵀ and Kᵀ are formed as contiguous r×d matrices and every product reads them in that layout, so
+the gradients of the d×r factors come out of autograd as (r×N)(N×d) products: on CPU BLAS the
+(d×N)(N×r) orientation that the d×r storage would otherwise select ran 4-6× slower at d = 2560
+(bench/adapter_profile.py shows it; the stored shapes below are unchanged).
 
 Grouped-query attention: k and v have H_kv < H heads; key/value head g serves the query heads
 g·G … g·G+G−1 (G = H/H_kv, Hugging Face's `repeat_kv` order), so its head factor is the mean of
@@ -94,26 +98,33 @@ class LoRTA(nn.Module):
             w = w.reshape(n, self.layout.n_heads // n, -1).mean(1)
         return w
 
-    def _factors(self, layer: int, matrix: str):
-        lead = self._lead(layer, self._mi[matrix])
+    def _head_factor_t(self, layer: int, matrix: str) -> torch.Tensor:
+        """Kᵀ, contiguous r × (heads·d_H): Kᵀ[k, h·d_H + j] = B[j,k] w[h,k]."""
         w = self.head_weights(layer, matrix)
-        B = self.B[lead]
-        K = (w[:, None, :] * B[None, :, :]).reshape(-1, B.shape[-1])  # (heads·d_H) × r
-        return self.A[lead], K
+        Bt = self.B[self._lead(layer, self._mi[matrix])].T
+        return (w.T[:, :, None] * Bt[:, None, :]).reshape(Bt.shape[0], -1)
+
+    def _model_factor_t(self, layer: int, matrix: str) -> torch.Tensor:
+        """Aᵀ, contiguous r × d."""
+        return self.A[self._lead(layer, self._mi[matrix])].T.contiguous()
 
     # --- application --------------------------------------------------------------------------------
 
-    def _shared_input_projection(self, x: torch.Tensor, layer: int, A: torch.Tensor, a_key) -> torch.Tensor:
+    def _shared_input_projection(self, x: torch.Tensor, layer: int, matrix: str) -> torch.Tensor:
         """u = dropout(x) A, computed once per layer and reused by q, k and v (same x, same A)."""
         if torch.compiler.is_compiling():
-            return self.dropout(cast_input(x, A.dtype)) @ A
-        key = (a_key, A._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), self.training)
+            At = self._model_factor_t(layer, matrix)
+            return self.dropout(cast_input(x, At.dtype)) @ At.T
+        a_key = self._lead(layer, self._mi[matrix])
+        key = (a_key, self.A._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+               self.training)
         slot = self._slots.get(layer)
         if slot is not None:
             ref, version, skey, u = slot
             if ref() is x and x._version == version and skey == key:
                 return u
-        u = self.dropout(cast_input(x, A.dtype)) @ A
+        At = self._model_factor_t(layer, matrix)
+        u = self.dropout(cast_input(x, At.dtype)) @ At.T
         self._slots[layer] = (weakref.ref(x), x._version, key, u)
         return u
 
@@ -121,13 +132,14 @@ class LoRTA(nn.Module):
         """Δy for input activations `x` (…×in) of projection `matrix` in `layer`."""
         if self.config.implementation == "dense":
             return self.dropout(cast_input(x, self.A.dtype)) @ self.delta_weight(layer, matrix).T
-        A, K = self._factors(layer, matrix)
+        Kt = self._head_factor_t(layer, matrix)
         if matrix == "o":
-            return (self.dropout(cast_input(x, A.dtype)) @ K) @ A.T
-        u = self._shared_input_projection(x, layer, A, self._lead(layer, self._mi[matrix]))
+            At = self._model_factor_t(layer, matrix)
+            return (self.dropout(cast_input(x, At.dtype)) @ Kt.T) @ At
+        u = self._shared_input_projection(x, layer, matrix)
         if matrix == self._last_qkv:  # q, k, v are called in this order by every known family
             self._slots.pop(layer, None)
-        return u @ K.T
+        return u @ Kt
 
     def clear_cache(self) -> None:
         self._slots.clear()
@@ -136,8 +148,9 @@ class LoRTA(nn.Module):
 
     def delta_weight(self, layer: int, matrix: str) -> torch.Tensor:
         """Dense ΔW in nn.Linear orientation (out × in)."""
-        A, K = self._factors(layer, matrix)
-        return K @ A.T if matrix != "o" else A @ K.T
+        A = self.A[self._lead(layer, self._mi[matrix])]
+        Kt = self._head_factor_t(layer, matrix)
+        return Kt.T @ A.T if matrix != "o" else A @ Kt
 
     # --- parameters ---------------------------------------------------------------------------------
 
