@@ -16,7 +16,7 @@ demo: setup
 	$(PY) scripts/train_fold.py --config demo --adapter lorta --rank 8
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

