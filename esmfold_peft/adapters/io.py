@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from ..atomic import atomic_write
 from .config import config_from_dict
 from .inject import AdapterSet, add_adapter, attach, freeze_base, get_adapter_set
 from .layouts import AttentionLayout
@@ -49,20 +49,9 @@ def save_adapter(model_or_set: Union[nn.Module, AdapterSet], directory: Union[st
         "num_parameters": sum(p.numel() for p in adapter.parameters()),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.saved_tensors().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"method": adapter.method}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"method": adapter.method}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from esmfold_peft.atomic import atomic_write, write_json_atomic
 from esmfold_peft.data.sources import Entry, Source
 from esmfold_peft.data.structures import Chain, StructureError, parse_structure
 
@@ -97,7 +98,7 @@ def build_cache(source: Source, cache_dir: str | Path, workers: int = 1,
         files[path] = result
 
     manifest = _assemble_manifest(source, requests, files, fingerprint)
-    _write_json_atomic(cache_dir / MANIFEST, manifest)
+    write_json_atomic(cache_dir / MANIFEST, manifest)
     _remove_unlisted_chain_files(chains_dir, files)
     return ChainCache(cache_dir)
 
@@ -127,10 +128,7 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
 
 def save_chain(chain: Chain, path: str | Path) -> None:
     """Write a chain as an uncompressed .npz (strings as unicode arrays, so no pickle is needed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
+    arrays = dict(
         name=np.array(chain.name), chain_id=np.array(chain.chain_id),
         sequence=np.array(chain.sequence), aatype=chain.aatype,
         atom37_positions=chain.atom37_positions, atom37_mask=chain.atom37_mask,
@@ -139,7 +137,12 @@ def save_chain(chain: Chain, path: str | Path) -> None:
         resolution=np.array(chain.resolution, dtype=np.float64),
         release_date=np.array(chain.release_date or ""), source=np.array(chain.source),
     )
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a bare path
+            np.savez(fh, **arrays)
+
+    atomic_write(Path(path), write)
 
 
 def load_chain(path: str | Path) -> Chain:
@@ -261,9 +264,3 @@ def _remove_unlisted_chain_files(chains_dir: Path, files: dict) -> None:
     for path in chains_dir.glob("*.npz"):
         if path.name not in keep:
             path.unlink()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)

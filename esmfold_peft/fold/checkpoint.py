@@ -14,9 +14,7 @@ source. They load with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapters import get_adapter_set, load_adapter, save_adapter
+from ..atomic import atomic_write, write_json_atomic
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -33,26 +32,6 @@ LAST = "last.pt"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def trained_state(model) -> dict:
@@ -84,12 +63,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, ema, step: int, cfg: mlc.ConfigDict,
                     extra: dict) -> None:
-    atomic_torch_save({
+    atomic_write(path, lambda tmp: torch.save({
         "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
         "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
         "rng": rng_state(), "extra": extra,
-    }, path)
+    }, tmp))
 
 
 def read_checkpoint(path: Path) -> dict:

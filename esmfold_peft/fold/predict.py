@@ -24,7 +24,6 @@ file. Conventions:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from .. import compat  # noqa: F401  (must precede openfold imports)
 from ..adapters import get_adapter_set
 from ..data.fasta import BadRecord, SequenceRecord, read_fasta
+from ..atomic import write_json_atomic
 from .checkpoint import load_trained_model
 from .model import CA, predicted_atom37
 
@@ -297,10 +297,6 @@ def _record_summary(record: SequenceRecord, prediction: Prediction, stem: str, n
             "substitutions": record.substitutions, "sequence": record.sequence}
 
 
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-
-
 def predict_fasta(fasta: str | Path, run_dir: str | Path, out_dir: str | Path, *,
                   checkpoint: str | Path | None = None, num_recycles: Optional[int] = None,
                   device: Optional[str] = None, max_length: Optional[int] = 1000, batch_residues: int = 1024,
@@ -364,13 +360,13 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path, out_dir: str | Path, *
             stem = stems[record.id]
             (out_dir / f"{stem}.pdb").write_text(result.to_pdb(remark=f"{record.id}; B-factors are pLDDT (0-100)"))
             summaries[record.id] = _record_summary(record, result, stem, recycles)
-            _write_json(out_dir / f"{stem}.json", summaries[record.id])
+            write_json_atomic(out_dir / f"{stem}.json", summaries[record.id])
         bar.update(len(batch))
     bar.close()
 
     predicted = [summaries[r.id] for r in records if r.id in summaries]
     summary_path = out_dir / SUMMARY_FILE
-    _write_json(summary_path, {
+    write_json_atomic(summary_path, {
         "fasta": str(fasta), "run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
         "adapter": cfg.adapter.method, "adapter_merged": merge_check is not None,
         "merge_check": merge_check.as_dict() if merge_check else None,

@@ -1,0 +1,33 @@
+"""Writing files atomically: a temporary file in the same folder, then one rename.
+
+A reader (or a resumed run) sees either the old file or the new one, never half of one, even when
+the writer is killed midway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, then rename tmp_path over `target` (the temporary is removed on failure)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """JSON with one-space indentation; values json cannot encode are written as strings."""
+    text = json.dumps(data, indent=1, default=str) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
