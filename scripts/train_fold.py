@@ -15,6 +15,7 @@ Exit status: 0 completed, 3 diverged (see summary.json), 130 interrupted (resume
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
         return 0
     if args.resume and args.out is None:
         print("error: --resume needs --out RUN_DIR", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.out is None:  # every process must name the same run
+        print("error: with several processes (torchrun), give --out RUN_DIR", file=sys.stderr)
         return 2
     out = args.out or default_out(cfg)
     from esmfold_peft.fold.train import RUN_SETUP_ERRORS, train

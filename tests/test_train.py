@@ -216,3 +216,23 @@ def test_each_run_logs_to_its_own_file(tmp_path):
     assert "wrote" in (tmp_path / "a" / "train.log").read_text()
     assert str(tmp_path / "b") not in (tmp_path / "a" / "train.log").read_text()
     assert not [h for h in logging.getLogger("esmfold_peft").handlers if isinstance(h, logging.FileHandler)]
+
+
+def test_torchrun_launches_two_processes(tmp_path):
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "from pathlib import Path\n"
+        "from fold_fixtures import tiny_run_config\n"
+        f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps=2)\n")
+    script = [str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--no-progress",
+              "--set", "train.effective_batch_size=4"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    without_out = subprocess.run(launcher + script, capture_output=True, text=True, timeout=300)
+    assert without_out.returncode != 0 and "give --out" in without_out.stderr
+    done = subprocess.run(launcher + script + ["--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary(tmp_path / "run")
+    assert s["processes"] == 2 and s["status"] == "completed" and s["steps"] == 2
