@@ -98,3 +98,16 @@ def tiny_run_config(tmp_path: Path, adapter: str = "lorta", steps: int = 3, rank
     cfg.data.val_dir = str(write_structures(tmp_path / "val_pdb", 2, seed=7))
     cfg.data.cache_dir = str(tmp_path / "cache")
     return cfg
+
+
+def write_tiny_config_file(tmp_path: Path, steps: int) -> Path:
+    """A config file for scripts/train_fold.py --config that builds `tiny_run_config(tmp_path, steps=...)`."""
+    tests = Path(__file__).resolve().parent
+    path = Path(tmp_path) / "tiny_config.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(tests)!r})\n"
+        "from pathlib import Path\n"
+        "from fold_fixtures import tiny_run_config\n"
+        f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps={steps})\n")
+    return path

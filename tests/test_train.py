@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from esmfold_peft.adapters import read_adapter_config
 from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
 from esmfold_peft.fold.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, train, train_model
-from fold_fixtures import tiny_run_config
+from fold_fixtures import tiny_run_config, write_tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -123,13 +123,7 @@ def test_nan_loss_is_a_divergence(tmp_path):
 
 
 def test_interrupted_run_resumes(tmp_path):
-    config_file = tmp_path / "tiny_config.py"
-    config_file.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(TESTS)!r})\n"
-        "from pathlib import Path\n"
-        "from fold_fixtures import tiny_run_config\n"
-        f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps=100000)\n")
+    config_file = write_tiny_config_file(tmp_path, steps=100000)
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--out", str(run),
            "--no-progress"]
@@ -219,13 +213,7 @@ def test_each_run_logs_to_its_own_file(tmp_path):
 
 
 def test_torchrun_launches_two_processes(tmp_path):
-    config_file = tmp_path / "tiny_config.py"
-    config_file.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(TESTS)!r})\n"
-        "from pathlib import Path\n"
-        "from fold_fixtures import tiny_run_config\n"
-        f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps=2)\n")
+    config_file = write_tiny_config_file(tmp_path, steps=2)
     script = [str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--no-progress",
               "--set", "train.effective_batch_size=4"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 import ml_collections as mlc
-from torch import nn
 
-from ..adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
+from ..adapters import LoRAConfig, LoRTAConfig, add_adapter
 from .config import ADAPTERS, adapter_alpha
 from .lm import load_language_model
 from .model import AdaptedESMFold
@@ -73,8 +72,3 @@ def parameter_counts(model: AdaptedESMFold) -> dict:
     counts["language_model_total"] = sum(p.numel() for n, p in model.esm.named_parameters()
                                          if not n.startswith("peft."))
     return counts
-
-
-def adapter_of(model: AdaptedESMFold) -> nn.Module | None:
-    peft = getattr(model.esm, "peft", None)
-    return get_adapter_set(model.esm).get() if peft is not None else None

@@ -111,10 +111,6 @@ class AdaptedESMFold(nn.Module):
         # index 0 is padding; openfold restypes (with X) are shifted by one
         return torch.tensor([d.padding_idx] + [d.get_idx(v) for v in residue_constants.restypes_with_x])
 
-    def trunk_parameters(self):
-        """Everything trained from scratch: trunk, heads, LM-combination weights (not the LM)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("esm.")]
-
     def language_model_representations(self, aatype: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-layer ESM-2 representations B×L×(layers+1)×d, with bos/eos added and removed."""
         esmaa = self.af2_to_esm[(aatype + 1).masked_fill(mask != 1, 0)]
