@@ -1,22 +1,3 @@
-"""Small pieces shared by the command-line scripts."""
+"""Kept for imports of older scripts: the argument types live in `esmfold_peft.runtime.cli`."""
 
-from __future__ import annotations
-
-import argparse
-
-
-def int_at_least(minimum: int):
-    """An argparse `type` accepting integers >= minimum, with a clear message otherwise."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
+from .runtime.cli import int_at_least, non_negative_int, positive_int  # noqa: F401

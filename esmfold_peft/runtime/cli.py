@@ -1,0 +1,92 @@
+"""How every script starts and ends: argument types, `--set` overrides, and one exit path.
+
+    def main(argv=None) -> int: ...
+    if __name__ == "__main__":
+        sys.exit(run_main(main))
+
+`run_main` turns a `UserError` into its one line and exit code 2, Ctrl-C into exit 130, an
+unwritable output into one line, and anything else into a one-line internal error (the traceback
+is printed only with ESMFOLD_PEFT_DEBUG=1): a user never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_SOME_FAILED, EXIT_USAGE, UserError, describe_os_error
+
+DEBUG_ENV = "ESMFOLD_PEFT_DEBUG"
+DOCS_HINT = "the method and the tools are described in docs/method.md"
+
+
+def int_at_least(minimum: int):
+    """An argparse `type` accepting integers >= minimum, with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str = "model.trunk.chunk_size=64") -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
+
+
+def exit_code_table() -> str:
+    return "Exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Call `main()` and map every way it can end onto the exit-code table (see the module docstring)."""
+    try:
+        return int(main() or 0)
+    except UserError as exc:
+        error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_SOME_FAILED
+    except MemoryError:
+        error("out of memory")
+        return EXIT_SOME_FAILED
+    except OSError as exc:  # an output or input the system refused (disk full, permissions, name too long)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        error(describe_os_error(exc))
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: one line, the traceback on demand
+        if os.environ.get(DEBUG_ENV):
+            raise
+        error(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 to see where)")
+        return EXIT_SOME_FAILED
