@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Choose the adapter scale α by the paper's staged halving search (App. D.4, SPEC §3).
+"""Choose the adapter scale α by the paper's staged halving search (LoRTA paper, App. D.4; see docs/method.md).
 
 Trains α = 256·r and 128·r and keeps the better by final validation LDDT-Cα; if both diverge
 (the trainer's logged rule: non-finite loss or gradient norm, or loss above
@@ -16,8 +16,8 @@ Examples:
 
 Writes OUT/search.json (after every candidate) and OUT/search.md (paper Table 6 form and every
 candidate), and prints the tables.
-Exit status: 0 an α was chosen, 3 every α down to the floor diverged, 130 interrupted (run again
-to resume), 2 bad arguments or configuration (including a stored run of another configuration).
+Exit 3 means every α down to the floor diverged; run the same command again to resume an
+interrupted search; a stored run of another configuration is refused (exit 2).
 """
 
 import argparse
@@ -28,17 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.cli import positive_int  # noqa: E402
+from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: E402
 from esmfold_peft.fold.config import ADAPTERS, project_root  # noqa: E402
 from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,  # noqa: E402
-                                      RUN_SETUP_ERRORS, alpha_search, fmt_alpha, parse_multipliers, require_alpha,
+                                      alpha_search, fmt_alpha, parse_multipliers, require_alpha,
                                       search_base_config, search_markdown, stages)
 
-EXIT_OK, EXIT_ALL_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE = 0, 3, 130, 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1] + "\n" + exit_code_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, choices=ADAPTERS, help="lorta | lora (none and full have no α)")
     p.add_argument("--rank", type=positive_int, required=True, help="adapter rank r")
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="search directory (default: runs/<config>-alpha-search-<adapter>-r<rank>)")
     p.add_argument("--multipliers", default=",".join(fmt_alpha(m) for m in DEFAULT_MULTIPLIERS), metavar="M1,M2",
                    help="stage 0 trains α = M·r for each M (default: 256,128); later stages halve on")
-    p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, metavar="ALPHA_MIN",
+    p.add_argument("--floor", type=positive_float, default=DEFAULT_FLOOR, metavar="ALPHA_MIN",
                    help=f"never train α below this; all diverged down to it ends the search "
                         f"(default: {fmt_alpha(DEFAULT_FLOOR)})")
     p.add_argument("--schedule", action="store_true", help="print the α of every stage down to the floor and exit")
@@ -58,16 +58,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        require_alpha(args.adapter)
-        multipliers = parse_multipliers(args.multipliers)
-        plan = stages(args.rank, multipliers, args.floor)
-        cfg = search_base_config(args.config, args.set, args.steps)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:  # SearchError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    require_alpha(args.adapter)
+    multipliers = parse_multipliers(args.multipliers)
+    plan = stages(args.rank, multipliers, args.floor)
+    cfg = search_base_config(args.config, args.set, args.steps)
     if args.schedule:
         for i, alphas in enumerate(plan):
             print(f"stage {i}: α = " + ", ".join(f"{fmt_alpha(a)} ({fmt_alpha(a / args.rank)}·r)" for a in alphas))
@@ -77,16 +77,13 @@ def main(argv=None) -> int:
     try:
         state = alpha_search(cfg, args.adapter, args.rank, out, multipliers, args.floor,
                              progress=not args.no_progress)
-    except RUN_SETUP_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     print()
     print(search_markdown(state))
     print(f"search directory: {out} (this invocation: {time.time() - started:.0f} s)")
-    return {CHOSEN: EXIT_OK, ALL_DIVERGED: EXIT_ALL_DIVERGED}.get(state["status"], EXIT_INTERRUPTED)
+    return {CHOSEN: EXIT_OK, ALL_DIVERGED: EXIT_DIVERGED}.get(state["status"], EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.adapters import (ARCHITECTURES, AdapterConfigError, AttentionLayout,  # noqa: E402
-                                   LayoutError, LoRAConfig, LoRTAConfig, architecture, build_adapter)
-from esmfold_peft.adapters.config import TENSOR_MODES  # noqa: E402
-
-MODE_ALIASES = {"heads": ("heads",), "heads+matrices": ("heads", "matrices"),
-                "heads+layers": ("heads", "layers"), "all": TENSOR_MODES}
+from esmfold_peft.adapters import (ARCHITECTURES, METHODS, AdapterConfigError, AttentionLayout,  # noqa: E402
+                                   LayoutError, architecture, build_adapter, config_from_dict, parse_modes)
 
 
 def parse_args(argv=None):
@@ -35,11 +31,12 @@ def parse_args(argv=None):
     g.add_argument("--heads", type=int, help="attention heads H")
     g.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention); default H")
     g.add_argument("--head-dim", type=int, help="head width d_H; default d/H")
-    p.add_argument("--adapter", choices=["lorta", "lora"], required=True)
+    p.add_argument("--adapter", choices=METHODS, required=True)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--alpha", type=float, default=None, help="scale numerator (does not change the count)")
-    p.add_argument("--modes", default="all",
-                   help="LoRTA tensor modes: heads | heads+matrices | heads+layers | all (default)")
+    p.add_argument("--modes", default=None,
+                   help="LoRTA tensor modes: a comma-separated subset of heads,matrices,layers, or all "
+                        "(the default)")
     p.add_argument("--targets", default="q,k,v,o", help="comma-separated subset of q,k,v,o")
     return p.parse_args(argv)
 
@@ -62,19 +59,18 @@ def count(args) -> int:
     else:
         print("error: give --arch NAME, or --layers, --d-model and --heads", file=sys.stderr)
         return 2
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    alpha = args.alpha if args.alpha is not None else float(args.rank)
-    if args.adapter == "lorta":
-        if args.modes not in MODE_ALIASES:
-            print(f"error: --modes must be one of {', '.join(MODE_ALIASES)}", file=sys.stderr)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    settings = {"method": args.adapter, "rank": args.rank, "alpha": args.alpha, "targets": targets}
+    if args.modes is not None:
+        if args.adapter != "lorta":
+            print(f"error: --modes applies to --adapter lorta only, not {args.adapter}", file=sys.stderr)
             return 2
-        config = LoRTAConfig(rank=args.rank, alpha=alpha, targets=targets, modes=MODE_ALIASES[args.modes])
-    else:
-        config = LoRAConfig(rank=args.rank, alpha=alpha, targets=targets)
+        settings["modes"] = parse_modes(args.modes)
+    config = config_from_dict(settings)
     adapter = build_adapter(config, layout, device="meta")
     n = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
     record = {"params": n, "formula": type(adapter).formula_num_parameters(config, layout),
-              "arch": args.arch or "custom", "adapter": args.adapter, "rank": args.rank, "alpha": alpha,
+              "arch": args.arch or "custom", "adapter": args.adapter, "rank": config.rank, "alpha": config.alpha,
               "targets": list(config.targets), **layout.describe()}
     if args.adapter == "lorta":
         record["modes"] = list(config.modes)

@@ -24,24 +24,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.cli import non_negative_int  # noqa: E402
-from esmfold_peft.eval.evaluate import SPLITS, EvaluationRun, evaluate_paths, evaluate_run  # noqa: E402
+from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY  # noqa: E402
+from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths  # noqa: E402
 from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
 from esmfold_peft.eval.report import summarize  # noqa: E402
-
+from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run  # noqa: E402
+from esmfold_peft.runtime.cli import non_negative_int, run_main  # noqa: E402
+from esmfold_peft.runtime.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, ConfigError,  # noqa: E402
+                                         UserError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=textwrap.fill(
+        epilog="\n\n".join([textwrap.fill(
             "Directories are matched by file stem (1abc.pdb with 1abc.cif.gz); formats: .pdb, .ent, "
             ".cif, .mmcif, optionally gzipped. Chains are paired by chain id (a single chain on each "
             "side is paired whatever its id), residues by residue number when the sequences agree "
-            "under it, else by sequence alignment. Exit status: 0 if every file and chain was "
-            "evaluated, 1 if any failed (the others are still evaluated and reported) or an input cannot be "
-            "used, 2 for a malformed command line. Give either --pred and --ref, or --run.")
-        + "\n\n" + __doc__.split("\n\n", 2)[2].rstrip(),
+            "under it, else by sequence alignment. A pair whose sequence identity (identical / paired "
+            f"residues) is below {MIN_SEQUENCE_IDENTITY:g} or whose coverage (paired / reference residues) "
+            f"is below {MIN_COVERAGE:g} is still scored, but flagged: a warning on stderr, ⚠ in report.md, "
+            "low_identity_or_coverage in report.json; the prediction is probably not of that chain. "
+            "Give either --pred and --ref, or --run."), textwrap.fill(
+            f"Exit status: {EXIT_OK} if every file and chain was evaluated; {EXIT_SOME_FAILED} if some "
+            "failed (an unparseable file, a chain without Cα or with non-finite coordinates, a chain that "
+            f"cannot be paired; the others are still evaluated and reported); {EXIT_USAGE} for a malformed "
+            "command line or an input or output that cannot be used at all (a missing path, a directory "
+            "without structure files, a file against a directory, an unwritable --out, a run that cannot "
+            f"be loaded); {EXIT_INTERRUPTED} if interrupted."), __doc__.split("\n\n", 2)[2].rstrip()]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     files = parser.add_argument_group("evaluate structure files")
@@ -78,7 +88,7 @@ def _fmt(x: float | None) -> str:
 
 
 def print_summary(run: EvaluationRun) -> None:
-    """Where the report went, the headline numbers (aggregations named), and every failure."""
+    """Where the report went, the headline numbers (aggregations named), flagged pairs and every failure."""
     written = ["report.json", "report.md"] + ([f"{len(run.files.figures)} figure(s)"] if run.files.figures else [])
     print(f"wrote {', '.join(written)} to {run.files.json.parent}")
     if run.chains:
@@ -88,6 +98,9 @@ def print_summary(run: EvaluationRun) -> None:
               f"GDT-TS {_fmt(overall['gdt_ts_mean_over_chains'])}, "
               f"TM-score {_fmt(overall['tm_score_mean_over_chains'])}, "
               f"RMSD {_fmt(overall['rmsd_ca_mean_over_chains'])} Å")
+    for chain in run.chains:
+        if chain.low_identity_or_coverage:
+            print(f"warning: {chain.similarity_warning()}", file=sys.stderr)
     if run.failures:
         print(f"{len(run.failures)} failure(s):", file=sys.stderr)
         for failure in run.failures:
@@ -97,39 +110,34 @@ def print_summary(run: EvaluationRun) -> None:
 def evaluate_files(args: argparse.Namespace) -> int:
     """--pred/--ref mode: score structure files, write the report, return the exit status."""
     cutoff = LDDT_CUTOFF if args.lddt_cutoff is None else args.lddt_cutoff
-    try:
-        run = evaluate_paths(args.pred, args.ref, args.out, lddt_cutoff=cutoff,
-                             plots=not args.no_plots, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run = evaluate_paths(args.pred, args.ref, args.out, lddt_cutoff=cutoff,
+                         plots=not args.no_plots, progress=not args.quiet)
     print_summary(run)
-    return 0 if run.ok else 1
+    return EXIT_OK if run.ok else EXIT_SOME_FAILED
 
 
 def evaluate_trained_run(args: argparse.Namespace) -> int:
     """--run mode: validate the run on a split, write the report, return the exit status."""
-    from esmfold_peft.adapters import AdapterConfigError, AdapterLoadError
-    from esmfold_peft.fold.checkpoint import CheckpointError
-    from esmfold_peft.fold.lm import LanguageModelError
-    from esmfold_peft.fold.predict import PredictionError
-
     try:
         run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
                            num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
                            progress=not args.quiet)
-    except (CheckpointError, LanguageModelError, AdapterLoadError, AdapterConfigError, PredictionError,
-            FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except UserError:
+        raise
+    except ValueError as exc:  # the run's config names data that training's data code refuses
+        raise ConfigError(f"{args.run}: {exc}") from exc
     v = run.validation
     print(f"{args.split} split of {args.run}: validation LDDT-Cα {_fmt(v['lddt_ca'])} "
           f"({v['aggregation']}, {v['n_chains']} chain(s)), the number training reports")
     print_summary(run)
-    return 0 if run.ok else 1
+    return EXIT_OK if run.ok else EXIT_SOME_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     files_mode = args.pred is not None or args.ref is not None

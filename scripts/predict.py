@@ -21,17 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.cli import non_negative_int, positive_int  # noqa: E402
-from esmfold_peft.adapters import AdapterConfigError, AdapterLoadError  # noqa: E402
-from esmfold_peft.data.fasta import FastaError  # noqa: E402
-from esmfold_peft.fold.checkpoint import CheckpointError  # noqa: E402
-from esmfold_peft.fold.lm import LanguageModelError  # noqa: E402
-from esmfold_peft.fold.predict import (DEFAULT_MERGE_TOLERANCE, MergeMismatchError, PredictionError,  # noqa: E402
-                                       predict_fasta)
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
-
+from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,  # noqa: E402
+                                      positive_int, run_main)
+from esmfold_peft.runtime.errors import EXIT_OK, EXIT_SOME_FAILED  # noqa: E402
+from esmfold_peft.fold.predict import DEFAULT_MERGE_TOLERANCE, MergeMismatchError, predict_fasta  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
             "filesystem-safe). Accepted residues: the 20 standard amino acids and X, any case; U->C, "
             "O->K and B/Z/J->X are rewritten (recorded in the JSON). Records that are empty, hold other "
             "characters, exceed --max-length or repeat an earlier id are reported and skipped; the "
-            "others are still predicted."), textwrap.fill(
-            "Exit status: 0 if every record was predicted, 1 if some failed (the others are written), "
-            "2 for unusable arguments (missing or malformed FASTA file, bad run directory, no such "
-            "device).")]),
+            "others are still predicted. A batch that runs out of memory is split and retried; predictions.json "
+            "is always written for what was done."), textwrap.fill(exit_code_table())]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--fasta", type=Path, required=True, metavar="FILE", help="input FASTA file (optionally .gz)")
@@ -68,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-merge", action="store_true",
                         help="keep the adapter unmerged (by default it is merged into ESM-2's weights after "
                              "checking on the first batch that outputs do not change)")
-    parser.add_argument("--merge-tolerance", type=float, default=DEFAULT_MERGE_TOLERANCE, metavar="X",
+    add_set_argument(parser, "model.lm.path=/data/esm2_t12_35M_UR50D.pt")
+    parser.add_argument("--merge-tolerance", type=positive_float, default=DEFAULT_MERGE_TOLERANCE, metavar="X",
                         help="largest deviation accepted between merged and unmerged outputs, in Å for atom "
                              "positions and in points for pLDDT (default: %(default)g)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
@@ -76,20 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         run = predict_fasta(args.fasta, args.run, args.out, checkpoint=args.checkpoint,
                             num_recycles=args.num_recycles, device=args.device, max_length=args.max_length,
                             batch_residues=args.batch_residues, merge=not args.no_merge,
-                            merge_tolerance=args.merge_tolerance, progress=not args.quiet)
+                            merge_tolerance=args.merge_tolerance, progress=not args.quiet, overrides=args.set)
     except MergeMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
-    except (FastaError, CheckpointError, LanguageModelError, AdapterLoadError, AdapterConfigError,
-            PredictionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
 
     check = run.merge_check
     if check is not None:
@@ -101,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(run.failures)} record(s) failed:", file=sys.stderr)
         for failure in run.failures:
             print(f"  {failure}", file=sys.stderr)
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+    print(f"next: python scripts/evaluate.py --pred {run.out_dir} --ref REFERENCE_DIR --out {run.out_dir}/eval")
+    return EXIT_SOME_FAILED if run.failures else EXIT_OK
 
 
 if __name__ == "__main__":

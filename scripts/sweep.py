@@ -15,8 +15,8 @@ Examples:
 
 Writes OUT/sweep.json (after every entry), OUT/sweep.md (paper Table 6 form and every entry) and
 OUT/sweep.png (validation LDDT-Cα against trainable adapter parameters, log x), and prints the tables.
-Exit status: 0 every entry finished (an entry whose α search diverged down to the floor is a result,
-shown in the tables), 130 interrupted (run again to resume), 2 bad arguments or configuration.
+An entry whose α search diverged down to the floor is a result, shown in the tables (exit 0);
+run the same command again to resume an interrupted sweep.
 """
 
 import argparse
@@ -27,24 +27,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.cli import positive_int  # noqa: E402
+from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK  # noqa: E402
 from esmfold_peft.fold.config import project_root  # noqa: E402
-from esmfold_peft.fold.search import (COMPLETED, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,  # noqa: E402
-                                      RUN_SETUP_ERRORS, fmt_alpha, parse_multipliers, parse_runs, run_sweep,
-                                      search_base_config, sweep_markdown)
+from esmfold_peft.fold.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,  # noqa: E402
+                                      search_base_config)
+from esmfold_peft.fold.search_report import COMPLETED, fmt_alpha, sweep_markdown  # noqa: E402
+from esmfold_peft.fold.sweep import parse_runs, run_sweep  # noqa: E402
 
-EXIT_OK, EXIT_INTERRUPTED, EXIT_USAGE = 0, 130, 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1] + "\n" + exit_code_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, metavar="ENTRIES",
                    help="comma-separated adapter:rank entries and/or none, full, e.g. lora:1,lorta:8,none,full")
     alpha = p.add_mutually_exclusive_group(required=True)
     alpha.add_argument("--alpha-search", action="store_true",
                        help="choose α for each lorta/lora entry by the staged search")
-    alpha.add_argument("--alpha", type=float, metavar="A", help="train every lorta/lora entry at α = A")
+    alpha.add_argument("--alpha", type=positive_float, metavar="A", help="train every lorta/lora entry at α = A")
     p.add_argument("--config", default="demo", help="a config name in configs/ or a .py path (default: demo)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps of every run (train.steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -52,30 +53,27 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="sweep directory (default: runs/<config>-sweep)")
     p.add_argument("--multipliers", default=",".join(fmt_alpha(m) for m in DEFAULT_MULTIPLIERS), metavar="M1,M2",
                    help="with --alpha-search: stage 0 trains α = M·r for each M (default: 256,128)")
-    p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, metavar="ALPHA_MIN",
+    p.add_argument("--floor", type=positive_float, default=DEFAULT_FLOOR, metavar="ALPHA_MIN",
                    help=f"with --alpha-search: never train α below this (default: {fmt_alpha(DEFAULT_FLOOR)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        runs = parse_runs(args.runs)
-        multipliers = parse_multipliers(args.multipliers)
-        cfg = search_base_config(args.config, args.set, args.steps)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:  # SearchError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    runs = parse_runs(args.runs)
+    multipliers = parse_multipliers(args.multipliers)
+    cfg = search_base_config(args.config, args.set, args.steps)
     out = args.out or project_root() / "runs" / f"{cfg.name}-sweep"
     started = time.time()
     try:
         state = run_sweep(cfg, runs, out, alpha=args.alpha, search=args.alpha_search, multipliers=multipliers,
                           floor=args.floor, progress=not args.no_progress)
-    except RUN_SETUP_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

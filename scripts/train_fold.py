@@ -4,60 +4,92 @@
 Examples:
   python scripts/train_fold.py --adapter lorta --rank 8                # the demo configuration (CPU, minutes)
   python scripts/train_fold.py --adapter lora --rank 1 --alpha 128 --out runs/lora-r1
-  python scripts/train_fold.py --out runs/lora-r1 --resume             # continue an interrupted run
+  python scripts/train_fold.py --out runs/lora-r1 --resume             # continue a run with its own config
+  python scripts/train_fold.py --out runs/lora-r1 --resume --steps 600 # ... and train it further
   python scripts/train_fold.py --config paper_d4 --set data.mmcif_dir=/data/pdb_mmcif \\
       --set data.chain_data_cache=/data/chain_data_cache.json           # the paper's experiment (GPU)
-  torchrun --nproc_per_node 8 scripts/train_fold.py --config paper_d4 ...   # several GPUs / nodes
+  torchrun --nproc_per_node 8 scripts/train_fold.py --config paper_d4 --out runs/d4 ...   # several GPUs / nodes
 
-Exit status: 0 completed, 3 diverged (see summary.json), 130 interrupted (resume with --resume),
-2 bad arguments or configuration.
+--resume reads the run's own config.json: flags given with it override only what they name, and only
+the run's length (--steps), its cadence, its device and the paths of its inputs may change.
+The method (LoRTA's tensor, its modes and the scale alpha/r) is described in docs/method.md.
 """
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.fold.config import ADAPTERS, apply_overrides, load_config, project_root  # noqa: E402
+from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, positive_float, positive_int, run_main  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
+from esmfold_peft.runtime.session import world_size  # noqa: E402
+
+ADAPTERS = ("lorta", "lora", "none", "full")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n", 2)[2] + "\n" + exit_code_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo", help="a config name in configs/ (demo, paper_d4) or a .py path "
-                                                    "(default: demo)")
+    p.add_argument("--config", help="a config name in configs/ (demo, paper_d4) or a .py path (default: demo; "
+                                    "with --resume the run's own config is used)")
     p.add_argument("--adapter", choices=ADAPTERS, help="lorta | lora | none (frozen LM) | full (LM trained)")
-    p.add_argument("--rank", type=int, help="adapter rank r")
-    p.add_argument("--alpha", type=float, help="adapter scale numerator (scale = alpha / rank; default alpha = r)")
-    p.add_argument("--modes", help="LoRTA tensor modes, e.g. heads,matrices,layers (default) or heads")
-    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--rank", type=positive_int, help="adapter rank r")
+    p.add_argument("--alpha", type=positive_float, help="adapter scale numerator: scale = alpha / rank "
+                                                         "(default: alpha = r, scale 1; stored resolved)")
+    p.add_argument("--modes", help="LoRTA tensor modes, comma-separated among heads, matrices, layers "
+                                   "(default heads,matrices,layers = one tensor; 'all' is the same); LoRTA only")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (train.steps); with --resume, extends the run")
     p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--crop-size", type=int, help="train.crop_size")
+    p.add_argument("--crop-size", type=positive_int, help="train.crop_size")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: auto)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config>-<adapter>[-r<rank>], "
                                             "numbered if taken)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set model.trunk.num_blocks=4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                                                         "with the config stored in the run")
+    add_set_argument(p, "model.trunk.num_blocks=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p.parse_args(argv)
 
 
-def resolve(args):
-    cfg = load_config(args.config)
+def flag_overrides(args) -> list[str]:
+    """The `key=value` overrides the explicit flags stand for (flags not given change nothing)."""
     flags = {"adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
              "adapter.modes": args.modes, "train.steps": args.steps, "train.seed": args.seed,
              "train.crop_size": args.crop_size, "train.device": args.device}
-    apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None])
-    apply_overrides(cfg, args.set)
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+
+
+def check_flags(args, method: str) -> None:
+    if args.modes is not None and method != "lorta":
+        raise UserError(f"--modes applies to LoRTA only (this run's adapter is {method})")
+    if (args.rank is not None or args.alpha is not None) and method not in ("lorta", "lora"):
+        raise UserError(f"--rank and --alpha apply to lorta and lora (this run's adapter is {method})")
+
+
+def resolve(args):
+    from esmfold_peft.fold.runs import new_run_config, read_run_config, resume_run_config
+
+    if args.resume:
+        if args.out is None:
+            raise UserError("--resume needs --out RUN_DIR")
+        stored = read_run_config(args.out)
+        if args.config is not None:
+            logging.info("--resume continues the run with its own config.json; --config %s is not read", args.config)
+        method = args.adapter or stored.adapter.method
+        check_flags(args, method)
+        return resume_run_config(args.out, flag_overrides(args))
+    cfg = new_run_config(args.config or "demo", flag_overrides(args))
+    check_flags(args, cfg.adapter.method)
     return cfg
 
 
 def default_out(cfg) -> Path:
+    from esmfold_peft.fold.config import project_root
+
     name = f"{cfg.name}-{cfg.adapter.method}"
     if cfg.adapter.method in ("lorta", "lora"):
         name += f"-r{cfg.adapter.rank}"
@@ -69,32 +101,34 @@ def default_out(cfg) -> Path:
     return out
 
 
+NEXT_STEP = {
+    EXIT_OK: "next: python scripts/predict.py --fasta SEQS.fasta --run {out} --out {out}/predictions   "
+             "or   python scripts/evaluate.py --run {out} --split val --out {out}/eval",
+    EXIT_DIVERGED: "the run diverged (see {out}/summary.json); try a smaller --alpha, or "
+                   "python scripts/alpha_search.py to search it",
+    EXIT_INTERRUPTED: "continue with: python scripts/train_fold.py --out {out} --resume",
+}
+
+
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = resolve(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = resolve(args)
     if args.print_config:
         print(cfg)
-        return 0
-    if args.resume and args.out is None:
-        print("error: --resume needs --out RUN_DIR", file=sys.stderr)
-        return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.out is None:  # every process must name the same run
-        print("error: with several processes (torchrun), give --out RUN_DIR", file=sys.stderr)
-        return 2
+        return EXIT_OK
+    if world_size() > 1 and args.out is None:  # every process must name the same run
+        raise UserError("with several processes (torchrun), give --out RUN_DIR")
     out = args.out or default_out(cfg)
-    from esmfold_peft.fold.train import RUN_SETUP_ERRORS, train
+    from esmfold_peft.fold.train import train
 
-    try:
-        status = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except RUN_SETUP_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    status = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {out}")
+    print(NEXT_STEP[status].format(out=out))
     return status
 
 

@@ -12,9 +12,9 @@ import torch
 import tiny_models as tm
 from esmfold_peft.adapters import (AdapterError, AdapterLoadError, AttentionLayout, LayoutError, LoRA,
                                    LoRAConfig, LoRTA, LoRTAConfig, add_adapter, architecture, build_adapter,
-                                   detect_layout, get_adapter_set, load_adapter, save_adapter,
+                                   detect_layout, get_adapter_set, has_adapters, load_adapter, save_adapter,
                                    trainable_parameters, unload)
-from esmfold_peft.adapters.config import TENSOR_MODES, AdapterConfigError
+from esmfold_peft.adapters.config import TENSOR_MODES, AdapterConfigError, parse_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [LoRTAConfig(rank=4, alpha=8), LoRAConfig(rank=2, alpha=4)]
@@ -184,7 +184,7 @@ def test_mismatched_loads_fail_clearly(tmp_path):
     target = tm.fair_esm2(layers=2)
     with pytest.raises(AdapterLoadError, match=r"lorta.A: saved \(64, 4\) vs expected \(64, 5\)"):
         load_adapter(target, tmp_path / "lorta")
-    assert len(get_adapter_set(target).adapters) == 0  # nothing half-loaded
+    assert not has_adapters(target) and not hasattr(target, "peft")  # nothing half-loaded
 
     # a config that claims another method than the stored tensors
     meta["config"]["rank"] = 4
@@ -293,10 +293,55 @@ def test_parameter_counts_equal_formulas(arch, modes):
     ("--arch roberta-large --adapter lorta --rank 8", 9056),
     ("--arch esm2_t12_35M --adapter lorta --rank 8", 4320),
     ("--arch esm2_t12_35M --adapter lora --rank 8", 368640),
-    ("--layers 12 --d-model 480 --heads 20 --adapter lorta --rank 8 --modes heads+matrices", 12 * 8 * 528),
+    ("--layers 12 --d-model 480 --heads 20 --adapter lorta --rank 8 --modes heads,matrices", 12 * 8 * 528),
+    ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes all", 4320),
+    ("--arch esmfold_3B_v1_seq --adapter lorta --rank 8", 8 * (1024 + 32 + 32 + 48 + 4)),
+    ("--arch esmfold_3B_v1_tri --adapter lorta --rank 8", 8 * (128 + 32 + 4 + 96 + 4)),
+    ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes layers,heads", 4 * 8 * (480 + 24 + 20 + 12)),
 ])
 def test_count_params_script_reproduces_paper(args, params):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), *args.split()],
                          capture_output=True, text=True, check=True)
     record = json.loads(out.stdout.strip().splitlines()[-1])
     assert record["params"] == params == record["formula"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ("--arch esm2_t12_35M --adapter lora --rank 8 --modes heads", "--modes applies to --adapter lorta only"),
+    ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes heads+matrices", "not understood: expected a comma"),
+    ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes matrices,layers", "LoRTA always tensorises heads"),
+])
+def test_count_params_script_refuses_bad_modes(args, message):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), *args.split()],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_parse_modes_is_the_one_modes_syntax():
+    assert parse_modes("all") == parse_modes("heads,matrices,layers") == TENSOR_MODES
+    assert parse_modes(" layers , heads ") == ("heads", "layers")  # canonical order
+    assert parse_modes(["heads", "matrices"]) == ("heads", "matrices")  # as stored in configs
+    assert LoRTAConfig(modes="heads,matrices").modes == ("heads", "matrices")
+    for bad in ("heads+matrices", "heads,heads", "", "all,heads", "heads,tokens"):
+        with pytest.raises(AdapterConfigError, match="heads,matrices,layers, or all"):
+            parse_modes(bad)
+
+
+def test_one_registry_of_methods_and_has_adapters():
+    from esmfold_peft.adapters import METHODS, Adapter, config_from_dict
+
+    assert METHODS == ("lorta", "lora")
+    layout = architecture("esm2_t6_8M")
+    for cfg in (LoRTAConfig(rank=2), LoRAConfig(rank=2)):
+        ad = build_adapter(cfg, layout, device="meta")
+        assert isinstance(ad, Adapter) and ad.method == cfg.method
+        assert type(config_from_dict(cfg.to_dict())) is type(cfg) and config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(AdapterConfigError, match="unknown adapter method 'dora'; known: lorta, lora"):
+        config_from_dict({"method": "dora"})
+    model = tm.fair_esm2()
+    assert not has_adapters(model)
+    add_adapter(model, LoRTAConfig(rank=2))
+    assert has_adapters(model) and not has_adapters(model.layers[0])  # the model itself, not submodules
+    unload(model)
+    assert not has_adapters(model)

@@ -1,4 +1,4 @@
-"""LoRTA's efficient application against the dense SPEC §1 formula, on three attention families."""
+"""LoRTA's efficient application against the dense CP formula, on three attention families."""
 
 import itertools
 
@@ -14,7 +14,7 @@ MODE_VARIANTS = [("heads",), ("heads", "matrices"), ("heads", "layers"), TENSOR_
 
 
 def reference_delta(ad, layout, layer, matrix):
-    """ΔW (out×in) straight from the SPEC formula, with its own reading of the factor shapes."""
+    """ΔW (out×in) straight from the CP formula, with its own reading of the factor shapes."""
     cfg = ad.config
     s = cfg.alpha / cfg.rank
     mi = cfg.targets.index(matrix)

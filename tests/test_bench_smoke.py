@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-SCRIPTS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput")
+SCRIPTS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput", "esm_attention")
 
 
 def run_script(name, out: Path, *extra):
@@ -67,7 +67,7 @@ def test_report_renders_every_section(smoke_runs):
     runs = load_runs(folder.parent, include_smoke=True)
     text = render(runs)
     for title in ("1. Adapter step cost", "1b. The adapters alone", "2. Merged inference", "3. Folding step",
-                  "4. Prediction throughput", "**Targets**"):
+                  "4. Prediction throughput", "5. Long sequences: ESM-2 attention through SDPA", "**Targets**"):
         assert title in text
 
 

@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "evaluate.py"
@@ -82,8 +84,91 @@ def test_single_file_against_single_file_exits_0(tmp_path, capsys):
     assert len(report["chains"]) == 1 and report["failures"] == [] and report["figures"] == []
 
 
-def test_missing_input_path_is_a_clear_error(tmp_path, capsys):
-    status = load_script().main(["--pred", str(tmp_path / "nope.pdb"), "--ref", str(tmp_path / "nope2.pdb"),
-                                 "--out", str(tmp_path / "out"), "--quiet"])
+def test_a_non_finite_coordinate_fails_its_pair_only(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    lines = (pred_dir / "good2.pdb").read_text().splitlines()
+    lines[3] = lines[3][:30] + "     nan" + lines[3][38:]
+    (pred_dir / "good2.pdb").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    status = load_script().main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--quiet",
+                                 "--no-plots"])
     assert status == 1
-    assert f"prediction path not found: {tmp_path / 'nope.pdb'}" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "1 chain(s)" in captured.out
+    reason = "chain 'A' (good2_A): non-finite coordinates in 1 atom(s), the first at residue 4 atom CA"
+    assert f"{pred_dir / 'good2.pdb'}: {reason}" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert [c["name"] for c in report["chains"]] == ["good1_B"]
+    assert {"path": str(pred_dir / "good2.pdb"), "reason": reason} in report["failures"]
+    assert f"- `{pred_dir / 'good2.pdb'}`: {reason}" in (out / "report.md").read_text()
+
+
+def test_low_identity_pair_is_scored_and_flagged(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    ca = np.cumsum(rng.normal(size=(len(SEQ), 3)) * 2.2, axis=0)
+    mutated = "".join(("G" if a != "G" else "A") if i % 3 == 0 else a for i, a in enumerate(SEQ))
+    write_pdb(tmp_path / "ref.pdb", SEQ, ca)
+    write_pdb(tmp_path / "pred.pdb", mutated, ca)
+    out = tmp_path / "out"
+    status = load_script().main(["--pred", str(tmp_path / "pred.pdb"), "--ref", str(tmp_path / "ref.pdb"),
+                                 "--out", str(out), "--quiet", "--no-plots"])
+    assert status == 0  # a flag, not a failure
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "ref_A: 53 of 53 reference residues paired" in warnings[0]
+    assert "sequence identity 0.66" in warnings[0]  # 35 of 53
+    report = json.loads((out / "report.json").read_text())
+    assert report["chains"][0]["low_identity_or_coverage"] is True
+    assert "| ref_A ⚠ |" in (out / "report.md").read_text()
+
+
+def test_help_documents_thresholds_and_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        load_script().main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "identity (identical / paired residues) is below 0.9" in text and "coverage (paired / reference" in text
+    assert "Exit status: 0 if every file and chain was evaluated; 1 if some failed" in text
+    assert "; 2 for a malformed command line or an input or output that cannot be used" in text
+
+
+def _run_expecting_usage_error(tmp_path, capsys, pred, ref, out=None):
+    status = load_script().main(["--pred", str(pred), "--ref", str(ref), "--out", str(out or tmp_path / "out"),
+                                 "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_unusable_inputs_exit_2_with_one_line(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    cases = [
+        (tmp_path / "nope.pdb", ref_dir / "good1.pdb", f"{tmp_path / 'nope.pdb'}: prediction file or directory not found"),
+        (pred_dir / "good1.pdb", tmp_path / "nope", f"{tmp_path / 'nope'}: reference file or directory not found"),
+        (empty, ref_dir, f"{empty}: no structure files"),
+        (pred_dir, ref_dir / "good1.pdb", "give two files or two directories"),
+        (tmp_path / "notes.txt", ref_dir / "good1.pdb", f"{tmp_path / 'notes.txt'}: prediction file is not a structure"),
+    ]
+    for pred, ref, message in cases:
+        assert message in _run_expecting_usage_error(tmp_path, capsys, pred, ref)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_unusable_out_exits_2_with_one_line(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    for out, message in [(tmp_path / "a_file", f"{tmp_path / 'a_file'}: exists and is not a directory"),
+                         (tmp_path / "a_file" / "sub", f"cannot create output directory {tmp_path / 'a_file' / 'sub'}: "
+                                                       "not a directory"),
+                         (tmp_path / ("x" * 300), "file name too long")]:
+        assert message in _run_expecting_usage_error(tmp_path, capsys, pred_dir, ref_dir, out)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_parent_of_out_exits_2(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    err = _run_expecting_usage_error(tmp_path, capsys, pred_dir, ref_dir, locked / "out")
+    assert "permission denied" in err

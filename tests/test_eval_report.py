@@ -1,6 +1,7 @@
 """report.json schema and aggregations, report.md, and the PNG plots."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,11 +15,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHAIN_KEYS = {"name", "pred_name", "ref_file", "pred_file", "length", "pred_length", "n_ref_with_ca", "n_scored",
               "pairing", "n_paired", "sequence_identity", "lddt_ca_global_pooled", "lddt_ca_mean_per_residue",
               "lddt_ca_n_pairs", "lddt_ca_score_sum", "rmsd_ca", "gdt_ts", "gdt_fractions", "tm_score",
-              "mean_plddt", "per_residue"}
+              "mean_plddt", "per_residue", "coverage", "low_identity_or_coverage"}
 OVERALL_KEYS = {"n_chains", "lddt_ca_global_pooled_mean_over_chains", "lddt_ca_mean_per_residue_mean_over_chains",
                 "lddt_ca_pooled_over_all_pairs", "rmsd_ca_mean_over_chains", "gdt_ts_mean_over_chains",
                 "tm_score_mean_over_chains", "mean_plddt_mean_over_chains", "n_chains_with_plddt",
-                "plddt_vs_lddt_ca_mean_per_residue_pearson_r"}
+                "plddt_vs_lddt_ca_mean_per_residue_pearson_r", "n_chains_low_identity_or_coverage"}
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,40 @@ def test_per_residue_plots_are_paged(scored_chains, tmp_path):
     paths = plot_per_residue(scored_chains, tmp_path, chains_per_figure=2)
     assert [p.name for p in paths] == ["per_residue_lddt_001.png", "per_residue_lddt_002.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+
+
+def test_low_identity_or_coverage_is_flagged_in_json_and_markdown(scored_chains, tmp_path):
+    rng = np.random.default_rng(1)
+    ref_seq = (SEQ * 2)[:117]
+    ca = random_walk(rng, 117)
+    ref = make_chain(ref_seq, ca=ca, name="ref_A")
+    # a prediction of the first 65 residues only: identical where paired, coverage 65 / 117
+    part = score_chain(make_chain(ref_seq[:65], ca=ca[:65], name="part_A"), replace(ref, name="part_A"))
+    # a full-length prediction that differs at every 4th residue: identity 0.75
+    mutated = "".join(("G" if a != "G" else "A") if i % 4 == 0 else a for i, a in enumerate(ref_seq))
+    mutant = score_chain(make_chain(mutated, ca=ca, name="mutant_A"), replace(ref, name="mutant_A"))
+    assert (len(part.pairing), part.sequence_identity) == (65, 1.0) and part.coverage == pytest.approx(65 / 117)
+    assert mutant.coverage == 1.0 and mutant.sequence_identity == pytest.approx(0.75, abs=0.01)
+    assert part.low_identity_or_coverage and mutant.low_identity_or_coverage
+    assert not any(c.low_identity_or_coverage for c in scored_chains)  # same sequences, full coverage
+    assert scored_chains[0].similarity_warning() is None
+    assert part.similarity_warning().startswith("part_A: 65 of 117 reference residues paired")
+
+    files = write_report([*scored_chains, part, mutant], tmp_path, plots=False)
+    report = json.loads(files.json.read_text())
+    assert [c["low_identity_or_coverage"] for c in report["chains"]] == [False, False, False, True, True]
+    assert report["chains"][3]["coverage"] == pytest.approx(65 / 117)
+    assert report["overall"]["n_chains_low_identity_or_coverage"] == 2
+    markdown = files.markdown.read_text()
+    assert "## ⚠ 2 chain(s) with low sequence identity or coverage" in markdown
+    assert "| part_A ⚠ |" in markdown and "| mutant_A ⚠ |" in markdown and "| t0_A |" in markdown
+
+
+def test_nan_b_factors_are_not_plddt(tmp_path):
+    ca = random_walk(np.random.default_rng(2), 20)
+    b = np.linspace(50, 90, 20)
+    b[3] = np.nan
+    scores = score_chain(make_chain(SEQ[:20], ca=ca, b_factors=b), make_chain(SEQ[:20], ca=ca))
+    assert scores.plddt is None and scores.mean_plddt is None
+    write_report([scores], tmp_path, plots=False)  # json refuses NaN: this would raise
+

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from esmfold_peft.eval.evaluate import evaluate_run, split_dataset
 from esmfold_peft.eval.metrics import rmsd_ca
 from esmfold_peft.fold.checkpoint import load_trained_model
+from esmfold_peft.fold.evaluate_run import evaluate_run, split_dataset
 from esmfold_peft.fold.train import EXIT_OK, train
 from esmfold_peft.fold.validate import validate
 from fold_fixtures import tiny_run_config
@@ -89,10 +89,15 @@ def test_run_mode_errors(run_dir, tmp_path, capsys):
     (no_val / "config.json").write_text(json.dumps(config))
     (no_val / "model").symlink_to(run_dir / "model")
     (no_val / "adapter").symlink_to(run_dir / "adapter")
-    assert script.main(["--run", str(no_val), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert script.main(["--run", str(no_val), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "the run has no validation chains" in capsys.readouterr().err
-    assert script.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
-    assert "not a run directory" in capsys.readouterr().err
+    assert script.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nothing'}") and "run directory" in err and len(err.splitlines()) == 1
+    (tmp_path / "a_file").write_text("")
+    assert script.main(["--run", str(run_dir), "--out", str(tmp_path / "a_file"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'a_file'}: exists and is not a directory\n"
     for argv in (["--run", str(run_dir), "--pred", "p.pdb", "--ref", "r.pdb"],
                  ["--run", str(run_dir), "--lddt-cutoff", "10"],
                  ["--run", str(run_dir), "--split", "test"]):

@@ -18,7 +18,8 @@ from esmfold_peft.fold import search
 from esmfold_peft.fold import train as trainer
 from esmfold_peft.fold.checkpoint import write_json_atomic
 from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, INTERRUPTED, SearchError, alpha_search, choose,
-                                      parse_multipliers, parse_runs, run_sweep, stage_alphas, stages)
+                                      parse_multipliers, stage_alphas, stages)
+from esmfold_peft.fold.sweep import parse_runs, run_sweep
 from fold_fixtures import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_completed_candidates_are_not_retrained_and_interrupted_ones_resume(fake
     assert f.calls == [] and again["candidates"] == state["candidates"]
 
 
-def test_started_run_without_checkpoint_starts_again(fake, base, tmp_path):
+def test_started_run_without_checkpoint_is_resumed_from_step_0(fake, base, tmp_path):
     run = tmp_path / "s" / "alpha-256"
     f = fake(lambda a: 0.5)
     alpha_search(base, "lora", 1, tmp_path / "s", progress=False)
@@ -189,16 +190,16 @@ def test_started_run_without_checkpoint_starts_again(fake, base, tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
     f = fake(lambda a: 0.5)
     alpha_search(base, "lora", 1, tmp_path / "s", progress=False)
-    assert f.calls == [(256, False)] and not (run / "metrics.jsonl").exists()
+    assert f.calls == [(256, True)]  # the trainer resumes a run without a checkpoint from step 0
 
 
 def test_stored_run_of_another_config_is_an_error(fake, base, tmp_path):
     fake(lambda a: 0.5)
     alpha_search(base, "lora", 1, tmp_path / "s", progress=False)
     other = tiny_run_config(tmp_path, steps=9)
-    with pytest.raises(SearchError, match=r"another configuration(.|\n)*train\.steps: stored 5, requested 9"):
+    with pytest.raises(SearchError, match=r"another configuration(.|\n)*train\.steps: run has 5, asked 9"):
         alpha_search(other, "lora", 1, tmp_path / "s", progress=False)
-    with pytest.raises(SearchError, match="adapter.method: stored 'lora', requested 'lorta'"):
+    with pytest.raises(SearchError, match="adapter.method: run has 'lora', asked 'lorta'"):
         alpha_search(base, "lorta", 1, tmp_path / "s", progress=False)
     cosmetic = tiny_run_config(tmp_path, steps=5)
     cosmetic.train.log_every = 50  # cannot change the outcome: allowed
@@ -343,7 +344,7 @@ def test_alpha_search_script_end_to_end(tmp_path, capsys, caplog):
 
     main = load_script("alpha_search").main
     assert main(argv + [str(out)]) == 2  # the default threshold: a stored-config mismatch
-    assert "train.diverge_loss_threshold: stored 0.001, requested 10000.0" in capsys.readouterr().err
+    assert "train.diverge_loss_threshold: run has 0.001, asked 10000.0" in capsys.readouterr().err
 
     out2 = tmp_path / "search2"
     assert main(argv + [str(out2)]) == 0

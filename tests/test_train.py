@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from esmfold_peft.adapters import read_adapter_config
 from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
 from esmfold_peft.fold.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, train, train_model
+from esmfold_peft.runtime.errors import ConfigError, UserError
 from fold_fixtures import tiny_run_config, write_tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,10 +93,10 @@ def test_resume_is_bitwise_exact(tmp_path):
 def test_existing_run_needs_resume_and_same_config(tmp_path):
     cfg = tiny_run_config(tmp_path, steps=1)
     assert train(cfg, tmp_path / "run", progress=False) == EXIT_OK
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="already holds a run .*--resume"):
         train(cfg, tmp_path / "run", progress=False)
     cfg.adapter.rank = 3
-    with pytest.raises(ValueError, match="differs from the checkpoint's in adapter"):
+    with pytest.raises(ConfigError, match="adapter.rank: run has 2, asked 3"):
         train(cfg, tmp_path / "run", resume=True, progress=False)
 
 

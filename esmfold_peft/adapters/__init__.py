@@ -1,4 +1,4 @@
-"""The adapter core: LoRTA and LoRA over any attention layout (imports torch only).
+"""The adapter core: LoRTA and LoRA over any attention layout (imports torch and the runtime only).
 
     from esmfold_peft.adapters import LoRTAConfig, add_adapter, save_adapter, load_adapter
     add_adapter(model, LoRTAConfig(rank=8, alpha=16))      # base frozen, adapter trainable
@@ -7,25 +7,19 @@
     get_adapter_set(model).merge()                         # inference at the base model's cost
 """
 
-from .config import AdapterConfigError, LoRAConfig, LoRTAConfig, config_from_dict
-from .inject import (ADAPTER_CLASSES, AdapterError, AdapterSet, add_adapter, attach, freeze_base, get_adapter_set,
+from .base import METHODS, Adapter, build_adapter, config_from_dict
+from .config import AdapterConfigError, LoRAConfig, LoRTAConfig, parse_modes
+from .inject import (AdapterError, AdapterSet, add_adapter, attach, freeze_base, get_adapter_set, has_adapters,
                      trainable_parameters, unload)
 from .io import AdapterLoadError, load_adapter, read_adapter_config, save_adapter
-from .layouts import (ARCHITECTURES, MATRICES, AttentionLayout, LayoutError, architecture,
-                      detect_layout)
+from .layouts import ARCHITECTURES, MATRICES, AttentionLayout, LayoutError, architecture, detect_layout
 from .lora import LoRA
 from .lorta import LoRTA
 
-
-def build_adapter(config, layout: AttentionLayout, device=None):
-    """An adapter module for a layout alone (no model), e.g. to count its parameters."""
-    return ADAPTER_CLASSES[config.method](config, layout, device=device)
-
-
 __all__ = [
-    "AdapterConfigError", "AdapterError", "AdapterLoadError", "AdapterSet", "ARCHITECTURES",
-    "AttentionLayout", "LayoutError", "LoRA", "LoRAConfig", "LoRTA", "LoRTAConfig", "MATRICES",
+    "Adapter", "AdapterConfigError", "AdapterError", "AdapterLoadError", "AdapterSet", "ARCHITECTURES",
+    "AttentionLayout", "LayoutError", "LoRA", "LoRAConfig", "LoRTA", "LoRTAConfig", "MATRICES", "METHODS",
     "add_adapter", "architecture", "attach", "build_adapter", "config_from_dict", "detect_layout",
-    "freeze_base", "get_adapter_set", "load_adapter", "read_adapter_config", "save_adapter",
-    "trainable_parameters", "unload",
+    "freeze_base", "get_adapter_set", "has_adapters", "load_adapter", "parse_modes", "read_adapter_config",
+    "save_adapter", "trainable_parameters", "unload",
 ]

@@ -4,24 +4,42 @@ A layout is the only thing the adapter core knows about a model: for each layer,
 of the q/k/v/o projections (all `nn.Linear`), the model width `d`, the number of query heads `H`,
 of key/value heads `H_kv` (grouped-query attention when `H_kv < H`) and the head width `d_H`.
 
-Head axis (SPEC §1): heads split the **output** features of q, k, v (out index = h·d_H + j) and
-the **input** features of o (in index = h·d_H + j). `A` runs along the model dimension `d`.
+Head axis: heads split the **output** features of q, k, v (logical row h·d_H + j) and
+the **input** features of o (in index h·d_H + j). `A` runs along the model dimension `d`.
 
-Three families are known and detected from module names:
+Fused projections. A family may keep q, k and v in one Linear (d → P·H·d_H for P fused parts, in
+q, k, v order). Adapters only ever see the logical matrices; the layout maps their rows onto the
+fused Linear with one rule, interleaved per head (ESMFold's `view(H, P, d_H)` on the output rows):
 
-| family | projections (relative to a layer) | heads read from |
-|---|---|---|
-| `fair-esm` (ESM-2, ESM-1b) | `self_attn.{q,k,v,out}_proj` | `self_attn.num_heads`, `.head_dim` |
-| `hf-bert` (BERT, RoBERTa, HF ESM) | `attention.self.{query,key,value}`, `attention.output.dense` | `attention.self.num_attention_heads` |
-| `hf-llama` (Llama, Mistral, Qwen2, SmolLM…) | `self_attn.{q,k,v,o}_proj` | the attention's `config` (GQA aware) |
+    fused row (h·P + p)·d_H + j  =  logical row h·d_H + j of part p
+
+`fuse` applies this rule, along the last axis to activations (hooks) and along the first axis
+to weights (merging), so both always agree. o is never fused (its heads are on the input).
+
+Known families, detected from module names:
+
+| family | "layer" (one index l) | projections (relative to it) | heads read from |
+|---|---|---|---|
+| `fair-esm` (ESM-2, ESM-1b) | a transformer layer | `self_attn.{q,k,v,out}_proj` | `self_attn.num_heads`, `.head_dim` |
+| `hf-bert` (BERT, RoBERTa, HF ESM) | a transformer layer | `attention.self.{query,key,value}`, `attention.output.dense` | `attention.self.num_attention_heads` |
+| `hf-llama` (Llama, Mistral, Qwen2, SmolLM…) | a transformer layer | `self_attn.{q,k,v,o}_proj` | the attention's `config` (GQA aware) |
+| `esmfold-seq` (ESMFold trunk) | a trunk block | `seq_attention.proj` (q, k, v fused), `seq_attention.o_proj` | `seq_attention.num_heads`, `.head_width` |
+| `esmfold-tri` (ESMFold trunk) | a triangle attention module | `mha.linear_{q,k,v,o}` | `mha.no_heads`, `.c_hidden` |
+
+ESMFold's triangle attention: every trunk block holds two modules, `tri_att_start` and
+`tri_att_end` (openfold's `Attention`: q/k/v without bias, o with bias; q is scaled by 1/√d_H
+after its projection, so an update of W_q is scaled with it, as the base weights are). They are
+separate layers of the family, in model order: l = 2·block + (0 for start, 1 for end), so
+L = 2·blocks (96 for the 48-block esmfold_3B_v1 trunk). The gates (`seq_attention.g_proj`,
+`mha.linear_g`) are not attention projections and are not adapted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 MATRICES: Tuple[str, ...] = ("q", "k", "v", "o")
@@ -34,33 +52,38 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class Family:
     name: str
-    proj: Dict[str, str]  # matrix -> path relative to the layer
+    proj: Dict[str, str]  # matrix -> Linear path relative to the layer; q, k, v may share one (fused)
     attention: str  # path of the module that knows the head counts
+    head_attrs: Optional[Tuple[str, str]]  # its (heads, head width) attributes; None: read its HF config
+
+    def __post_init__(self):
+        for path, matrices in self.groups():
+            if len(matrices) > 1 and "o" in matrices:
+                raise LayoutError(f"{self.name}: o cannot share a Linear with {matrices} (its heads are on the input)")
+
+    def groups(self) -> Tuple[Tuple[str, Tuple[str, ...]], ...]:
+        """(Linear path, the matrices it holds in q, k, v, o order), one entry per distinct Linear."""
+        paths = list(dict.fromkeys(self.proj[m] for m in MATRICES))
+        return tuple((p, tuple(m for m in MATRICES if self.proj[m] == p)) for p in paths)
 
 
-FAMILIES: Dict[str, Family] = {
-    "fair-esm": Family(
-        "fair-esm",
-        {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
-        "self_attn",
-    ),
-    "hf-bert": Family(
-        "hf-bert",
-        {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-         "o": "attention.output.dense"},
-        "attention.self",
-    ),
-    "hf-llama": Family(
-        "hf-llama",
-        {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
-        "self_attn",
-    ),
-}
+FAMILIES: Dict[str, Family] = {f.name: f for f in (
+    Family("fair-esm", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                        "o": "self_attn.out_proj"}, "self_attn", ("num_heads", "head_dim")),
+    Family("hf-bert", {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                       "o": "attention.output.dense"}, "attention.self", ("num_attention_heads", "attention_head_size")),
+    Family("hf-llama", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                        "o": "self_attn.o_proj"}, "self_attn", None),
+    Family("esmfold-seq", {"q": "seq_attention.proj", "k": "seq_attention.proj", "v": "seq_attention.proj",
+                           "o": "seq_attention.o_proj"}, "seq_attention", ("num_heads", "head_width")),
+    Family("esmfold-tri", {"q": "mha.linear_q", "k": "mha.linear_k", "v": "mha.linear_v", "o": "mha.linear_o"},
+           "mha", ("no_heads", "c_hidden")),
+)}
 
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Shape of a model's attention stack, plus (when built from a model) where each layer lives."""
+    """Shape of one family's attention stack, plus (when built from a model) where each layer lives."""
 
     family: str
     n_layers: int
@@ -80,8 +103,12 @@ class AttentionLayout:
             raise LayoutError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.layer_paths and len(self.layer_paths) != self.n_layers:
             raise LayoutError(f"{len(self.layer_paths)} layer paths for n_layers={self.n_layers}")
+        fused = self.family in FAMILIES and any(len(ms) > 1 for _, ms in FAMILIES[self.family].groups())
+        if fused and self.n_kv_heads != self.n_heads:
+            raise LayoutError(f"{self.family} fuses q/k/v per head, which needs as many key/value heads as "
+                              f"query heads (got {self.n_heads} and {self.n_kv_heads})")
 
-    # shape of each projection as an nn.Linear (out_features, in_features)
+    # shape of each projection as an nn.Linear (out_features, in_features), before any fusing
     def linear_shape(self, matrix: str) -> Tuple[int, int]:
         qd, kvd = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return {"q": (qd, self.d_model), "k": (kvd, self.d_model), "v": (kvd, self.d_model),
@@ -90,12 +117,40 @@ class AttentionLayout:
     def heads_of(self, matrix: str) -> int:
         return self.n_kv_heads if matrix in ("k", "v") else self.n_heads
 
-    def projection_path(self, layer: int, matrix: str) -> str:
+    def groups(self) -> Tuple[Tuple[str, Tuple[str, ...]], ...]:
+        """(Linear path relative to a layer, the matrices it holds) for each Linear of a layer."""
+        if self.family not in FAMILIES:
+            raise LayoutError(f"layout family {self.family!r} has no module paths")
+        return FAMILIES[self.family].groups()
+
+    def linear_path(self, layer: int, relative: str) -> str:
         if not self.layer_paths:
             raise LayoutError("this layout was built from a specification, not a model: it has no module paths")
         prefix = self.layer_paths[layer]
-        rel = FAMILIES[self.family].proj[matrix]
-        return f"{prefix}.{rel}" if prefix else rel
+        return f"{prefix}.{relative}" if prefix else relative
+
+    def projection_path(self, layer: int, matrix: str) -> str:
+        """Path of the Linear holding `matrix` of `layer` (the fused Linear for a fused q/k/v)."""
+        return self.linear_path(layer, FAMILIES[self.family].proj[matrix])
+
+    def fused_shape(self, matrices: Sequence[str]) -> Tuple[int, int]:
+        """(out, in) of the Linear that holds `matrices` (their outputs stacked)."""
+        return sum(self.linear_shape(m)[0] for m in matrices), self.linear_shape(matrices[0])[1]
+
+    def fuse(self, matrices: Sequence[str], pieces: Dict[str, torch.Tensor], dim: int) -> torch.Tensor:
+        """The rows of the Linear holding `matrices`, from per-matrix pieces along `dim`.
+
+        A Linear of its own gets its piece unchanged. A fused one interleaves per head: fused row
+        (h·P + p)·d_H + j is logical row h·d_H + j of matrices[p]; a matrix without a piece
+        (not targeted) contributes zeros. Works on activations (dim=-1) and on ΔW (dim=0) alike.
+        """
+        if len(matrices) == 1:
+            return pieces[matrices[0]]
+        ref = next(iter(pieces.values()))
+        dim %= ref.dim()
+        parts = [pieces[m] if m in pieces else torch.zeros_like(ref) for m in matrices]
+        heads = [t.unflatten(dim, (self.n_heads, self.head_dim)) for t in parts]
+        return torch.stack(heads, dim=dim + 1).flatten(dim, dim + 2)
 
     def describe(self) -> dict:
         """The fields that must agree between a saved adapter and a model (paths excluded)."""
@@ -106,8 +161,15 @@ class AttentionLayout:
         mine, theirs = self.describe(), other.describe()
         return [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
 
-    def with_paths(self, layer_paths: Sequence[str]) -> "AttentionLayout":
-        return dataclasses.replace(self, layer_paths=tuple(layer_paths))
+
+def layouts_differences(mine: Sequence[AttentionLayout], theirs: Sequence[AttentionLayout]) -> List[str]:
+    """What differs between two lists of layouts (one per family), as `field: mine vs theirs`."""
+    if len(mine) == len(theirs) == 1:
+        return mine[0].differences(theirs[0])
+    names = lambda layouts: ", ".join(l.family for l in layouts)  # noqa: E731
+    if [l.family for l in mine] != [l.family for l in theirs]:
+        return [f"families: {names(mine) or 'none'} vs {names(theirs) or 'none'}"]
+    return [f"{a.family} {d}" for a, b in zip(mine, theirs) for d in a.differences(b)]
 
 
 # --- named architectures (shapes only, nothing downloaded) --------------------------------------
@@ -123,6 +185,9 @@ ARCHITECTURES: Dict[str, AttentionLayout] = {
     "esm2_t33_650M": _spec("fair-esm", 33, 1280, 20),
     "esm2_t36_3B": _spec("fair-esm", 36, 2560, 40),
     "esm2_t48_15B": _spec("fair-esm", 48, 5120, 40),
+    # the folding trunk of esmfold_3B_v1: 48 blocks, sequence state 1024 (32 heads of 32), pair state 128
+    "esmfold_3B_v1_seq": _spec("esmfold-seq", 48, 1024, 32),
+    "esmfold_3B_v1_tri": _spec("esmfold-tri", 96, 128, 4),
     "bert-base": _spec("hf-bert", 12, 768, 12),
     "roberta-base": _spec("hf-bert", 12, 768, 12),
     "roberta-large": _spec("hf-bert", 24, 1024, 16),
@@ -149,26 +214,27 @@ def _ends_with(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def _layer_prefixes(model: nn.Module, family: Family) -> List[str]:
-    """Layer prefixes under which all four projections of `family` exist as nn.Linear."""
-    modules = dict(model.named_modules())
+def _join(prefix: str, relative: str) -> str:
+    return f"{prefix}.{relative}" if prefix else relative
+
+
+def _layer_prefixes(modules: Dict[str, nn.Module], family: Family) -> List[str]:
+    """Layer prefixes (in model order) under which all projections of `family` exist as nn.Linear."""
     prefixes = []
-    for name, module in modules.items():
+    for name in modules:
         if not _ends_with(name, family.proj["q"]):
             continue
         prefix = name[: len(name) - len(family.proj["q"])].rstrip(".")
-        paths = [f"{prefix}.{p}" if prefix else p for p in family.proj.values()]
-        if all(isinstance(modules.get(p), nn.Linear) for p in paths):
+        if all(isinstance(modules.get(_join(prefix, p)), nn.Linear) for p, _ in family.groups()):
             prefixes.append(prefix)
     return prefixes
 
 
 def _head_counts(model: nn.Module, family: Family, prefix: str, d_model: int) -> Tuple[int, int, int]:
-    attn = model.get_submodule(f"{prefix}.{family.attention}" if prefix else family.attention)
-    if family.name == "fair-esm":
-        return attn.num_heads, attn.num_heads, attn.head_dim
-    if family.name == "hf-bert":
-        return attn.num_attention_heads, attn.num_attention_heads, attn.attention_head_size
+    attn = model.get_submodule(_join(prefix, family.attention))
+    if family.head_attrs is not None:
+        heads, width = (getattr(attn, a) for a in family.head_attrs)
+        return heads, heads, width
     cfg = getattr(attn, "config", None) or getattr(model, "config", None)
     if cfg is None:
         raise LayoutError(f"cannot read head counts of {prefix!r}: no config on the attention module or the model")
@@ -178,38 +244,50 @@ def _head_counts(model: nn.Module, family: Family, prefix: str, d_model: int) ->
     return H, kv, hd
 
 
-def detect_layout(model: nn.Module, family: Optional[str] = None) -> AttentionLayout:
-    """Find the attention layout of `model`; raise `LayoutError` when it is absent or ambiguous."""
-    if family and family not in FAMILIES:
-        raise LayoutError(f"unknown layout family {family!r}; known: {', '.join(FAMILIES)}")
-    candidates = {family: FAMILIES[family]} if family else FAMILIES
-    found = {n: p for n, f in candidates.items() if (p := _layer_prefixes(model, f))}
-    if not found:
-        looked = "; ".join(f"{n}: {', '.join(f.proj.values())}" for n, f in candidates.items())
-        raise LayoutError(f"no known attention layout in {type(model).__name__} (looked for {looked}). "
-                          "Pass an AttentionLayout with the model's layer paths explicitly.")
-    if len(found) > 1:
-        raise LayoutError(f"{type(model).__name__} matches several layouts ({', '.join(found)}); "
-                          "pass family=... to choose")
-    (name, prefixes), = found.items()
-    fam = FAMILIES[name]
-    q = model.get_submodule(f"{prefixes[0]}.{fam.proj['q']}" if prefixes[0] else fam.proj["q"])
-    d_model = q.in_features
-    H, kv, hd = _head_counts(model, fam, prefixes[0], d_model)
-    layout = AttentionLayout(name, len(prefixes), d_model, H, hd, kv, tuple(prefixes))
+def _layout_of(model: nn.Module, family: Family, prefixes: List[str]) -> AttentionLayout:
+    d_model = model.get_submodule(_join(prefixes[0], family.proj["q"])).in_features
+    H, kv, hd = _head_counts(model, family, prefixes[0], d_model)
+    layout = AttentionLayout(family.name, len(prefixes), d_model, H, hd, kv, tuple(prefixes))
     _check_shapes(model, layout)
     return layout
 
 
+def _find(model: nn.Module, candidates: Dict[str, Family]) -> Dict[str, List[str]]:
+    modules = dict(model.named_modules())
+    return {name: p for name, fam in candidates.items() if (p := _layer_prefixes(modules, fam))}
+
+
+def detect_layouts(model: nn.Module) -> Dict[str, AttentionLayout]:
+    """Every known attention family found in `model` (family -> layout); {} when none."""
+    return {name: _layout_of(model, FAMILIES[name], prefixes) for name, prefixes in _find(model, FAMILIES).items()}
+
+
+def detect_layout(model: nn.Module, family: Optional[str] = None) -> AttentionLayout:
+    """The attention layout of `model` (of `family`); `LayoutError` when it is absent or ambiguous."""
+    if family and family not in FAMILIES:
+        raise LayoutError(f"unknown layout family {family!r}; known: {', '.join(FAMILIES)}")
+    candidates = {family: FAMILIES[family]} if family else FAMILIES
+    found = _find(model, candidates)
+    if not found:
+        looked = "; ".join(f"{n}: {', '.join(dict.fromkeys(f.proj.values()))}" for n, f in candidates.items())
+        raise LayoutError(f"no known attention layout in {type(model).__name__} (looked for {looked}). "
+                          "Pass an AttentionLayout with the model's layer paths explicitly.")
+    if len(found) > 1:
+        raise LayoutError(f"{type(model).__name__} matches several layouts ({', '.join(found)}); pass one "
+                          f"family, or several as layout=({', '.join(map(repr, found))}) for one tensor each")
+    (name, prefixes), = found.items()
+    return _layout_of(model, FAMILIES[name], prefixes)
+
+
 def _check_shapes(model: nn.Module, layout: AttentionLayout) -> None:
     for layer in range(layout.n_layers):
-        for m in MATRICES:
-            lin = model.get_submodule(layout.projection_path(layer, m))
-            want = layout.linear_shape(m)
-            got = (lin.out_features, lin.in_features)
+        for relative, matrices in layout.groups():
+            path = layout.linear_path(layer, relative)
+            lin = model.get_submodule(path)
+            want, got = layout.fused_shape(matrices), (lin.out_features, lin.in_features)
             if got != want:
-                raise LayoutError(f"{layout.projection_path(layer, m)} is {got[0]}x{got[1]} (out x in) but the "
-                                  f"layout (d={layout.d_model}, H={layout.n_heads}, H_kv={layout.n_kv_heads}, "
+                raise LayoutError(f"{path} ({'+'.join(matrices)}) is {got[0]}x{got[1]} (out x in) but the layout "
+                                  f"(d={layout.d_model}, H={layout.n_heads}, H_kv={layout.n_kv_heads}, "
                                   f"d_H={layout.head_dim}) expects {want[0]}x{want[1]}")
 
 
@@ -217,11 +295,12 @@ def prepare_model(model: nn.Module, layout: AttentionLayout) -> None:
     """Make sure the model calls its projections as modules, so adapters cannot be bypassed.
 
     fair-esm's MultiheadAttention has a fused path (`F.multi_head_attention_forward`) that reads
-    the q/k/v/o weights directly; ESM-2 never takes it (rotary), ESM-1b would.
+    the q/k/v/o weights directly; ESM-2 never takes it (rotary), ESM-1b would. ESMFold's trunk
+    attentions always call their Linears.
     """
     if layout.family != "fair-esm":
         return
     for prefix in layout.layer_paths:
-        attn = model.get_submodule(f"{prefix}.self_attn" if prefix else "self_attn")
+        attn = model.get_submodule(_join(prefix, "self_attn"))
         if hasattr(attn, "enable_torch_version"):
             attn.enable_torch_version = False

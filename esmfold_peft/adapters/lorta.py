@@ -1,4 +1,4 @@
-"""LoRTA: every attention update of the model as slices of one CP tensor (SPEC §1).
+"""LoRTA: every attention update of a model's attention family as slices of one CP tensor.
 
     T = [[A, B, C_H, C_L, C_M]],  A: d×r, B: d_H×r, C_H: H×r, C_L: L×r, C_M: M×r  (M = #targets)
 
@@ -16,6 +16,16 @@ Aᵀ and Kᵀ are formed as contiguous r×d matrices and every product reads the
 the gradients of the d×r factors come out of autograd as (r×N)(N×d) products: on CPU BLAS the
 (d×N)(N×r) orientation that the d×r storage would otherwise select ran 4-6× slower at d = 2560
 (bench/adapter_profile.py shows it; the stored shapes below are unchanged).
+
+One tensor per layout family. The tensor is defined over one family's (d, d_H, H, L, M): an
+adapter over several families (ESMFold's trunk: sequence attention d=1024, H=32, L=48 blocks;
+triangle attention d=128, H=4, L=96 modules) holds one LoRTA per family (`inject.AdapterGroup`),
+r·(d + d_H + H + L + M) parameters each. Sharing across families is not possible for A (the widths
+differ) and would tie head and layer indices that mean different things (a sequence head and a
+pair head; a block and a triangle module); the factors that could be shared (B when d_H agrees,
+C_M) cost only r·(d_H + M) each, so separate tensors keep each family exactly the paper's object
+at no real cost. A fused q/k/v Linear changes nothing here: this module always sees the logical
+q, k, v matrices; `AttentionLayout.fuse` places their rows.
 
 Grouped-query attention: k and v have H_kv < H heads; key/value head g serves the query heads
 g·G … g·G+G−1 (G = H/H_kv, Hugging Face's `repeat_kv` order), so its head factor is the mean of

@@ -1,12 +1,18 @@
 """Parse once, load fast: a per-chain cache of a `Source` (one .npz per chain + manifest.json).
 
     <cache_dir>/manifest.json      format version, fingerprint, chains, bad files, per-file stats
-    <cache_dir>/chains/<name>.<path hash>.npz   one parsed chain (no pickles)
+    <cache_dir>/chains/<safe name>.<hash>.npz   one parsed chain (no pickles)
 
 `build_cache` compares the source's fingerprint (format version, source settings, entries, and
 every file's size and modification time) with the manifest's: equal means nothing to do; otherwise
 only files that are new or changed (size, mtime, or the chains asked of them) are parsed again.
-Bad files are skipped and listed in the manifest with the reason.
+Bad files, and chains that are missing or unusable (`chain_fault`: no residues, no Cα, non-finite
+coordinates), are skipped and listed in the manifest's `bad` list with the reason.
+
+Chain ids come from the structure files, so they are not trusted as file names: a chain's file
+name keeps only [A-Za-z0-9._-] of its name, never starts with '.', is bounded in length, and carries
+a hash of (file path, chain id) that keeps it unique; every chain file is checked to lie directly
+in `chains/` before it is written or read.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +30,14 @@ from tqdm.auto import tqdm
 
 from esmfold_peft.atomic import atomic_write, write_json_atomic
 from esmfold_peft.data.sources import Entry, Source
-from esmfold_peft.data.structures import Chain, StructureError, parse_structure
+from esmfold_peft.data.structures import Chain, StructureError, chain_fault, parse_structure
+from esmfold_peft.runtime.errors import ArtifactError
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: sanitised chain file names, unusable chains skipped
 MANIFEST = "manifest.json"
 CHAINS_DIR = "chains"
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_NAME_CHARS = 100  # the whole file name stays far below the usual 255-byte limit
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ class ChainCache:
         return [r.weight for r in self.records]
 
     def load(self, index: int) -> Chain:
-        return load_chain(self.cache_dir / CHAINS_DIR / self.records[index].file)
+        return load_chain(chain_file_path(self.cache_dir / CHAINS_DIR, self.records[index].file,
+                                          culprit=self.cache_dir / MANIFEST))
 
 
 def build_cache(source: Source, cache_dir: str | Path, workers: int = 1,
@@ -125,6 +136,30 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
 
 
 # --- one chain on disk -----------------------------------------------------------------------------
+
+def chain_file_name(name: str, path: str, chain_id: str) -> str:
+    """`<safe name>.<hash>.npz` for a chain: only [A-Za-z0-9._-], no leading '.', bounded length.
+
+    The hash of (source path, chain id) keeps names apart that sanitise alike ('A/B' and 'A_B'),
+    and equal chain names from different files.
+    """
+    safe = _UNSAFE_FILE_CHARS.sub("_", name)[:_MAX_NAME_CHARS]
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    tag = hashlib.sha1(f"{path}\0{chain_id}".encode()).hexdigest()[:10]
+    return f"{safe}.{tag}.npz"
+
+
+def chain_file_path(chains_dir: Path, file: str, culprit: str | Path) -> Path:
+    """`chains_dir / file`, refusing a name that would put the file anywhere but directly in chains_dir.
+
+    `culprit` is the file blamed if it does: the manifest on reading, the structure on writing.
+    """
+    path = Path(chains_dir) / file
+    if path.resolve().parent != Path(chains_dir).resolve():
+        raise ArtifactError(culprit, f"chain file name {file!r} leads outside the cache's {CHAINS_DIR}/ directory")
+    return path
+
 
 def save_chain(chain: Chain, path: str | Path) -> None:
     """Write a chain as an uncompressed .npz (strings as unicode arrays, so no pickle is needed)."""
@@ -204,31 +239,38 @@ def _parse_files(todo: list, chains_dir: Path, workers: int, progress: bool):
 
 
 def _parse_file(args) -> tuple[str, dict]:
-    """Parse one file and save its chains; the file's manifest record (with error or chains)."""
+    """Parse one file and save its usable chains; the file's manifest record.
+
+    The record holds the file's `error`, or its saved `chains` and the `skipped` ones (chain id ->
+    reason: missing from the file, or unusable).
+    """
     path, chain_ids, state, chains_dir = args
-    record = {**state, "error": None, "chains": []}
+    record = {**state, "error": None, "chains": [], "skipped": {}}
     try:
         chains = parse_structure(path)
     except StructureError as exc:
         record["error"] = exc.reason
         return path, record
     by_id = {c.chain_id: c for c in chains}
-    wanted = chain_ids if chain_ids is not None else list(by_id)
-    missing = [c for c in wanted if c not in by_id]
-    if missing:
-        record["missing"] = {c: (f"no protein chain {c!r} in the first model "
-                                 f"(protein chains there: {', '.join(by_id) or 'none'})")
-                             for c in missing}
-    # the path hash keeps equal chain names from different files apart on disk
-    tag = hashlib.sha1(path.encode()).hexdigest()[:10]
-    for chain_id in wanted:
-        if chain_id in by_id:
-            chain = by_id[chain_id]
-            file = f"{chain.name}.{tag}.npz"
-            save_chain(chain, Path(chains_dir) / file)
-            record["chains"].append({"name": chain.name, "chain_id": chain_id, "file": file,
-                                     "length": len(chain)})
+    for chain_id in chain_ids if chain_ids is not None else list(by_id):
+        chain = by_id.get(chain_id)
+        reason = _skip_reason(chain_id, chain, by_id)
+        if reason is not None:
+            record["skipped"][chain_id] = reason
+            continue
+        file = chain_file_name(chain.name, path, chain_id)
+        save_chain(chain, chain_file_path(chains_dir, file, culprit=path))
+        record["chains"].append({"name": chain.name, "chain_id": chain_id, "file": file, "length": len(chain)})
     return path, record
+
+
+def _skip_reason(chain_id: str, chain: Chain | None, by_id: dict[str, Chain]) -> str | None:
+    """Why a requested chain is not cached (absent from the file, or unusable), or None."""
+    if chain is None:
+        return (f"no protein chain {chain_id!r} in the first model "
+                f"(protein chains there: {', '.join(by_id) or 'none'})")
+    fault = chain_fault(chain)
+    return None if fault is None else f"chain {chain_id!r} ({chain.name}): {fault}"
 
 
 def _assemble_manifest(source: Source, requests: dict, files: dict, fingerprint: str) -> dict:
@@ -238,8 +280,11 @@ def _assemble_manifest(source: Source, requests: dict, files: dict, fingerprint:
         record = files[entry.path]
         if record["error"] is not None:
             continue
-        if entry.chain_id is not None and entry.chain_id in record.get("missing", {}):
-            bad.append({"path": entry.path, "reason": record["missing"][entry.chain_id]})
+        skipped = record["skipped"]
+        if entry.chain_id is None:
+            bad += [{"path": entry.path, "reason": reason} for reason in skipped.values()]
+        elif entry.chain_id in skipped:
+            bad.append({"path": entry.path, "reason": skipped[entry.chain_id]})
             continue
         for c in record["chains"]:
             if entry.chain_id is not None and c["chain_id"] != entry.chain_id:

@@ -28,6 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+from esmfold_peft.runtime.errors import UserError
 
 TS50_REQUIREMENT = "mdanalysistests==2.11.0"
 TS50_MEMBER_DIR = "MDAnalysisTests/data/dssp/"
@@ -48,7 +49,7 @@ VAL_FRACTION = 0.2
 SPLIT_SALT = "esmfold-peft-demo-split-v1"
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(UserError):
     """The demo data could not be fetched; the message says what to fetch by hand."""
 
 

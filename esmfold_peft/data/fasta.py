@@ -26,6 +26,7 @@ import gzip
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from esmfold_peft.runtime.errors import UserError
 
 STANDARD_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY")
 UNKNOWN_RESIDUE = "X"
@@ -33,7 +34,7 @@ SUBSTITUTIONS = {"U": "C", "O": "K", "B": "X", "Z": "X", "J": "X"}
 _SHOWN_PROBLEMS = 5  # invalid positions listed in a rejection message
 
 
-class FastaError(ValueError):
+class FastaError(UserError, ValueError):
     """A FASTA file that cannot be read at all; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

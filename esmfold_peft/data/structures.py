@@ -11,7 +11,9 @@ read. Rules for the awkward parts of real files:
 * hetero groups: waters and ligands are dropped; modified amino acids become their parent when
   Biopython's `protein_letters_3to1_extended` knows them, otherwise 'X' if they have an N-CA-C
   backbone; unknown residue names with an N-CA-C backbone (UNK, ...) become 'X';
-* missing atoms keep mask 0; chains without any amino acid (DNA, RNA, ligand-only) are skipped.
+* missing atoms keep mask 0; chains without any amino acid (DNA, RNA, ligand-only) are skipped;
+* a chain with no Cα at all or with non-finite coordinates is still returned: `chain_fault` names
+  what makes it unusable, and the cache and the evaluation skip it with that reason.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from Bio.Data.PDBData import protein_letters_3to1_extended
 from Bio.PDB import MMCIFParser, PDBParser
 
 import esmfold_peft.compat  # noqa: F401  (must precede openfold imports)
+from esmfold_peft.runtime.errors import UserError
 from openfold.np import residue_constants as rc
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ class Chain:
         return len(self.sequence)
 
 
-class StructureError(Exception):
+class StructureError(UserError):
     """A structure file that cannot be used; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -113,6 +116,26 @@ def chain_name(path: str | Path, chain_id: str) -> str:
     """'1abc_A' for chain A of 1abc.cif; the stem alone when the chain id is blank."""
     chain_id = chain_id.strip()
     return f"{file_stem(path)}_{chain_id}" if chain_id else file_stem(path)
+
+
+def chain_fault(chain: Chain) -> str | None:
+    """Why a parsed chain cannot be trained on or scored (no residues, no Cα, non-finite atoms), or None.
+
+    Parsing keeps such chains (one bad chain should not cost a file its others); the cache and the
+    evaluation ask this before they use one.
+    """
+    if len(chain) == 0:
+        return "no residues"
+    present = chain.atom37_mask > 0
+    if not present[:, rc.atom_order["CA"]].any():
+        return "no Cα atom in any residue"
+    bad = present & ~np.isfinite(chain.atom37_positions).all(axis=-1)
+    if bad.any():
+        residue, atom = np.argwhere(bad)[0]
+        label = f"{chain.residue_index[residue]}{chain.insertion_codes[residue]}"
+        return (f"non-finite coordinates in {int(bad.sum())} atom(s), the first at residue {label} "
+                f"atom {rc.atom_types[atom]}")
+    return None
 
 
 def parse_structure(path: str | Path, chains: Sequence[str] | None = None) -> list[Chain]:

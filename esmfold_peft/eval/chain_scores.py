@@ -5,6 +5,10 @@ residue i of the reference chain. A reference residue without a Cα is excluded 
 a Cα but no predicted Cα paired to it is scored as missed (its LDDT pairs score 0, it counts in the
 GDT-TS / TM-score denominator, it is absent from the RMSD). Predicted residues with no reference
 partner are ignored.
+
+A pair whose sequence identity or coverage falls below `MIN_SEQUENCE_IDENTITY` / `MIN_COVERAGE` is
+scored but flagged (`low_identity_or_coverage`): the prediction is probably not of that chain, or
+covers only part of it, and its scores say little about the model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from openfold.np import residue_constants
 
 CA = residue_constants.atom_order["CA"]
 PLDDT_RANGE = (0.0, 100.0)
+# a prediction of the right chain agrees at nearly every paired residue and covers nearly all of it;
+# 0.9 still lets through a few mutations or unresolved termini
+MIN_SEQUENCE_IDENTITY = 0.9  # identical residues / paired residues
+MIN_COVERAGE = 0.9  # paired residues / reference residues
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,25 @@ class ChainScores:
         return self.pairing.n_identical / len(self.pairing)
 
     @property
+    def coverage(self) -> float:
+        """Fraction of the reference residues paired with a predicted residue."""
+        return len(self.pairing) / self.length
+
+    @property
+    def low_identity_or_coverage(self) -> bool:
+        """Whether the pair falls below `MIN_SEQUENCE_IDENTITY` or `MIN_COVERAGE` (module docstring)."""
+        return self.sequence_identity < MIN_SEQUENCE_IDENTITY or self.coverage < MIN_COVERAGE
+
+    def similarity_warning(self) -> str | None:
+        """One line on a pair below the identity / coverage thresholds, or None."""
+        if not self.low_identity_or_coverage:
+            return None
+        return (f"{self.name}: {len(self.pairing)} of {self.length} reference residues paired with {self.pred_name} "
+                f"(coverage {self.coverage:.2f}), sequence identity {self.sequence_identity:.2f}; below "
+                f"{MIN_COVERAGE:g} coverage or {MIN_SEQUENCE_IDENTITY:g} identity, the prediction may not be of "
+                "this chain")
+
+    @property
     def mean_plddt(self) -> float | None:
         """Mean pLDDT (0..100) over the scored residues; None without pLDDT."""
         if self.plddt is None:
@@ -82,13 +109,16 @@ def plddt_from_b_factors(chain: Chain) -> np.ndarray | None:
     """Per-residue pLDDT from the Cα B-factors, or None if they do not look like pLDDT.
 
     They do when every Cα B-factor lies in [0, 100] and they are not all equal (a constant column,
-    e.g. all 0 or all 1, carries no per-residue confidence). NaN where a residue has no Cα.
+    e.g. all 0 or all 1, carries no per-residue confidence); a NaN B-factor is none of that. NaN
+    where a residue has no Cα.
     """
     has_ca = chain.atom37_mask[:, CA] > 0
     values = chain.b_factors[:, CA].astype(np.float64)
     observed = values[has_ca]
     lo, hi = PLDDT_RANGE
-    if len(observed) == 0 or observed.min() < lo or observed.max() > hi or np.ptp(observed) == 0:
+    if len(observed) == 0 or not np.isfinite(observed).all():
+        return None
+    if observed.min() < lo or observed.max() > hi or np.ptp(observed) == 0:
         return None
     return np.where(has_ca, values, np.nan)
 

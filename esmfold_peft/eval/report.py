@@ -8,6 +8,9 @@ writes it into B-factors). Every aggregate names its aggregation:
 * `..._mean_over_chains` (overall): unweighted mean of the per-chain values (OpenFold's validation
   number is `lddt_ca_global_pooled_mean_over_chains`);
 * `lddt_ca_pooled_over_all_pairs` (overall): all scored pairs of all chains pooled together.
+
+A chain whose pairing has low sequence identity or coverage (`chain_scores.MIN_SEQUENCE_IDENTITY`,
+`MIN_COVERAGE`) is flagged: `low_identity_or_coverage` in report.json, ⚠ and a list in report.md.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, PNGs render with Agg
 
-from esmfold_peft.eval.chain_scores import ChainScores
+from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY, ChainScores
 from esmfold_peft.eval.lddt import LDDT_CUTOFF, LDDT_THRESHOLDS
 from esmfold_peft.eval.metrics import GDT_TS_CUTOFFS
+from esmfold_peft.runtime.rundir import ensure_writable_dir
 
 CHAINS_PER_FIGURE = 12
 _GRID_COLUMNS = 3
@@ -44,6 +48,10 @@ CONVENTIONS = {
                   "B-factors are pLDDT values (all in 0..100 and not constant); null otherwise",
     "mean_over_chains": "unweighted mean of the per-chain values over the chains that have one",
     "lddt_ca_pooled_over_all_pairs": "sum of pair scores over all chains / number of scored pairs over all chains",
+    "sequence_identity": "identical residues / paired residues",
+    "coverage": "paired residues / reference residues",
+    "low_identity_or_coverage": f"sequence_identity < {MIN_SEQUENCE_IDENTITY:g} or coverage < {MIN_COVERAGE:g}: "
+                                "the prediction is probably not of this chain, or covers only part of it",
 }
 
 
@@ -103,6 +111,8 @@ def chain_record(chain: ChainScores) -> dict:
         "pairing": chain.pairing.method,
         "n_paired": len(chain.pairing),
         "sequence_identity": chain.sequence_identity,
+        "coverage": chain.coverage,
+        "low_identity_or_coverage": chain.low_identity_or_coverage,
         "lddt_ca_global_pooled": _finite_or_none(chain.lddt.global_pooled),
         "lddt_ca_mean_per_residue": _finite_or_none(chain.lddt.mean_per_residue),
         "lddt_ca_n_pairs": chain.lddt.n_pairs,
@@ -136,6 +146,7 @@ def summarize(chains: Sequence[ChainScores]) -> dict:
         "mean_plddt_mean_over_chains": _mean_or_none([c.mean_plddt for c in chains]),
         "n_chains_with_plddt": sum(c.plddt is not None for c in chains),
         "plddt_vs_lddt_ca_mean_per_residue_pearson_r": pearson_r(x, y),
+        "n_chains_low_identity_or_coverage": sum(c.low_identity_or_coverage for c in chains),
     }
 
 
@@ -165,14 +176,19 @@ def markdown_report(summary: dict, chains: Sequence[ChainScores], failures: Sequ
         f"| Pearson r, chain mean pLDDT vs mean per-residue LDDT-Cα | {_fmt(summary['plddt_vs_lddt_ca_mean_per_residue_pearson_r'])} |",
         "",
     ]
+    flagged = [c.similarity_warning() for c in chains if c.low_identity_or_coverage]
+    if flagged:
+        lines += [f"## ⚠ {len(flagged)} chain(s) with low sequence identity or coverage", ""] + \
+                 [f"- ⚠ {w}" for w in flagged] + [""]
     if chains:
         lines += [
             "| chain | length | scored | pairing | LDDT-Cα pooled | LDDT-Cα mean per-res. | RMSD Å | GDT-TS | TM-score | mean pLDDT |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for c in chains:
+            flag = " ⚠" if c.low_identity_or_coverage else ""
             lines.append(
-                f"| {c.name} | {c.length} | {c.n_scored} | {c.pairing.method} | {_fmt(c.lddt.global_pooled)} | "
+                f"| {c.name}{flag} | {c.length} | {c.n_scored} | {c.pairing.method} | {_fmt(c.lddt.global_pooled)} | "
                 f"{_fmt(c.lddt.mean_per_residue)} | {_fmt(c.superposition.rmsd, 2)} | {_fmt(c.superposition.gdt_ts)} | "
                 f"{_fmt(c.superposition.tm_score)} | {_fmt(c.mean_plddt, 1)} |")
         lines.append("")
@@ -260,8 +276,7 @@ def write_report(chains: Sequence[ChainScores], out_dir: str | Path,
     `lddt_cutoff` is the inclusion radius the chains were scored with (recorded in `settings`);
     `extra` adds top-level sections to report.json and `extra_markdown` text to report.md.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable_dir(out_dir)
     figures: list[Path] = []
     if plots and chains:
         figures += plot_per_residue(chains, out_dir)

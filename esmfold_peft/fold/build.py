@@ -7,6 +7,8 @@ import logging
 import ml_collections as mlc
 
 from ..adapters import LoRAConfig, LoRTAConfig, add_adapter
+from ..adapters.config import parse_modes
+from ..runtime.errors import ConfigError
 from .config import ADAPTERS, adapter_alpha
 from .lm import load_language_model
 from .model import AdaptedESMFold
@@ -18,14 +20,14 @@ def adapter_config(cfg: mlc.ConfigDict):
     """The core's adapter config for `cfg.adapter` (None for `none` and `full`)."""
     a = cfg.adapter
     if a.method not in ADAPTERS:
-        raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {a.method!r}")
+        raise ConfigError(f"adapter.method must be one of {', '.join(ADAPTERS)}, got {a.method!r}")
     if a.method in ("none", "full"):
         return None
     common = dict(rank=int(a.rank), alpha=adapter_alpha(cfg), dropout=float(a.dropout),
                   targets=tuple(t.strip() for t in str(a.targets).split(",") if t.strip()))
     if a.method == "lora":
         return LoRAConfig(**common)
-    return LoRTAConfig(**common, modes=tuple(m.strip() for m in str(a.modes).split(",") if m.strip()))
+    return LoRTAConfig(**common, modes=parse_modes(a.modes))
 
 
 def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:

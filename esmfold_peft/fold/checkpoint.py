@@ -13,25 +13,29 @@ source. They load with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import ml_collections as mlc
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..adapters import get_adapter_set, load_adapter, save_adapter
-from ..atomic import atomic_write, write_json_atomic
+from ..adapters import get_adapter_set, has_adapters, load_adapter, save_adapter
+from ..atomic import write_json_atomic
+from ..runtime.artifacts import check_tensors, load_safetensors, save_safetensors, torch_load, torch_save
+from ..runtime.errors import ArtifactError, UserError
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
+FOLD_WEIGHTS = "fold_model.safetensors"
+# a checkpoint's top level: key -> type
+CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
+                   "rng": dict, "extra": dict}
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError):
+    """A run directory or checkpoint that cannot be used (its message names the file and the fault)."""
 
 
 def trained_state(model) -> dict:
@@ -63,23 +67,32 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, ema, step: int, cfg: mlc.ConfigDict,
                     extra: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save({
+    """Atomically, with a SHA-256 sidecar (`runtime.artifacts`)."""
+    torch_save({
         "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
         "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
         "rng": rng_state(), "extra": extra,
-    }, tmp))
+    }, path)
 
 
 def read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
+    """A training checkpoint, verified: checksum, structure, floating-point finite weights and EMA."""
+    path = Path(path)
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ArtifactError(path, f"not a training checkpoint (a {type(ckpt).__name__}, expected a dict)")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise ArtifactError(path, f"not a training checkpoint of this project (no valid {key!r} entry)")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ArtifactError(path, f"checkpoint format {ckpt['format']}, expected {CHECKPOINT_FORMAT}")
+    check_tensors(ckpt["model"], path)
+    ema = ckpt.get("ema")
+    if ema is not None:
+        if not isinstance(ema, dict) or not isinstance(ema.get("shadow"), dict):
+            raise ArtifactError(path, "damaged EMA entry")
+        check_tensors(ema["shadow"], path)
     return ckpt
 
 
@@ -89,58 +102,62 @@ def load_trained_state(model, state: dict, source: str) -> None:
     shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
     missing = sorted(k for k in own if not k.startswith("esm.") and k not in state)
     if unknown or shapes or missing:
-        raise CheckpointError(f"{source} does not fit the model built from its config: "
+        raise CheckpointError(f"{source}: does not fit the model built from its config: "
                               f"unknown {unknown[:5]}, shape mismatches {shapes[:5]}, missing {missing[:5]}")
     model.load_state_dict(state, strict=False)
 
 
-def export_model(run_dir: Path, model, cfg: mlc.ConfigDict) -> None:
+def export_model(run_dir: Path, model, stored_config: dict) -> None:
     """The final model for prediction: fold weights (no adapter tensors) + the adapter directory."""
     state = {k: v.contiguous() for k, v in trained_state(model).items() if not k.startswith("esm.peft.")}
-    out = run_dir / "model"
+    out = Path(run_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "fold_model.safetensors"))
-    write_json_atomic(out / "config.json", cfg.to_dict())
-    if getattr(model.esm, "peft", None) is not None:
-        save_adapter(get_adapter_set(model.esm), run_dir / "adapter")
+    save_safetensors(state, out / FOLD_WEIGHTS)
+    write_json_atomic(out / "config.json", stored_config)
+    if has_adapters(model.esm):
+        save_adapter(get_adapter_set(model.esm), Path(run_dir) / "adapter")
 
 
-def load_run_config(run_dir: Path) -> mlc.ConfigDict:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
-    return mlc.ConfigDict(json.loads(path.read_text()))
+def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True,
+                       overrides: Sequence[str] = ()):
+    """(model, cfg) from a run directory: its exported model, or a given training checkpoint.
 
-
-def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True):
-    """(model, cfg) from a run directory: its exported model, or a given training checkpoint."""
+    `overrides` (`key=value`) change the run's config for this use, e.g. a moved language model
+    (`model.lm.path=…`) or the trunk's chunk size. Every file read is verified.
+    """
     from .build import build_model
+    from .runs import read_run_config
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    cfg = read_run_config(run_dir, overrides)
     method = cfg.adapter.method
-    if checkpoint is None and not (run_dir / "model" / "fold_model.safetensors").is_file():
+    weights = run_dir / "model" / FOLD_WEIGHTS
+    if checkpoint is None and not weights.is_file():
         last = run_dir / "checkpoints" / LAST
         if not last.is_file():
-            raise CheckpointError(f"{run_dir} has neither an exported model nor a checkpoint")
+            raise CheckpointError(f"{run_dir}: has neither an exported model nor a checkpoint (did the run finish?)")
         checkpoint = last
     if checkpoint is not None:
-        model = build_model(cfg)
         ckpt = read_checkpoint(Path(checkpoint))
+        model = build_model(cfg)
         load_trained_state(model, ckpt["model"], str(checkpoint))
         if use_ema and ckpt.get("ema"):
             with torch.no_grad():
                 params = dict(model.named_parameters())
                 for name, value in ckpt["ema"]["shadow"].items():
+                    if name not in params or params[name].shape != value.shape:
+                        raise ArtifactError(checkpoint, f"EMA tensor {name!r} does not fit the model")
                     params[name].copy_(value)
         return model, cfg
     # exported model: build without an adapter, load fold weights, then the saved adapter
+    state = load_safetensors(weights)
     bare = mlc.ConfigDict(cfg.to_dict())
     if method in ("lorta", "lora"):
         bare.adapter.method = "none"
     model = build_model(bare)
-    load_trained_state(model, load_file(str(run_dir / "model" / "fold_model.safetensors")),
-                       str(run_dir / "model"))
+    load_trained_state(model, state, str(weights))
     if method in ("lorta", "lora"):
         load_adapter(model.esm, run_dir / "adapter", name="default")
     return model, cfg

@@ -2,17 +2,20 @@
 
 Named configurations live in the project's `configs/` folder (`demo`, `paper_d4`, …): each is a
 Python file with `get_config()` that starts from `base_config()` and changes what it needs.
-Command-line flags override keys: `--set train.steps=500 --set model.trunk.num_blocks=4`.
+Command-line flags override keys: `--set train.steps=500 --set model.trunk.num_blocks=4`; unknown
+keys get a "did you mean", values of the wrong type a plain message (`esmfold_peft.runtime.config`).
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
+import math
 from pathlib import Path
 
 import ml_collections as mlc
 
+from ..adapters.config import parse_modes
+from ..runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
+from ..runtime.errors import ConfigError
 from .losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
@@ -39,7 +42,8 @@ def base_config() -> mlc.ConfigDict:
     cfg.name = "base"
     cfg.model = mlc.ConfigDict({
         # language model: a fair-esm name, or a local checkpoint path (fair-esm .pt or HF ESM)
-        "lm": {"name": "esm2_t12_35M_UR50D", "path": "", "random_init": False, "heads": 0},
+        "lm": {"name": "esm2_t12_35M_UR50D", "path": "", "random_init": False, "heads": 0,
+               "sdpa": True},  # attention through scaled_dot_product_attention (same outputs, O(L) memory)
         "trunk": trunk_config(),
         "lddt_head_hid_dim": 128,
         "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
@@ -47,7 +51,7 @@ def base_config() -> mlc.ConfigDict:
     cfg.adapter = mlc.ConfigDict({
         "method": "lorta",  # lorta | lora | none (frozen LM) | full (LM fully trained)
         "rank": 8,
-        "alpha": 0.0,  # 0 means alpha = rank (scale 1)
+        "alpha": 0.0,  # 0 means alpha = rank (scale 1); a run's config.json stores the resolved value
         "targets": "q,k,v,o",
         "modes": "heads,matrices,layers",
         "dropout": 0.0,
@@ -97,58 +101,49 @@ def project_root() -> Path:
     return root()
 
 
+# keys that hold file or folder paths: stored portably in a run's config.json, overridable when a run moves
+PATH_KEYS = ("model.lm.path", "model.lm.name", "data.root", "data.cache_dir", "data.mmcif_dir",
+             "data.chain_data_cache", "data.train_dir", "data.val_dir", "data.val_mmcif_dir",
+             "data.val_chain_data_cache")
+# what may change when a run resumes: its length, its cadence, where things are and how it runs
+RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every", "train.val_every", "train.ckpt_every", "train.device",
+               "train.num_threads", "data.num_workers", "data.val_max_chains", "model.trunk.chunk_size",
+               "model.checkpoint_blocks", "name") + PATH_KEYS
+
+
 def load_config(name_or_path: str) -> mlc.ConfigDict:
-    """A named config from `configs/` (e.g. 'demo') or a path to a config .py file."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = project_root() / "configs" / f"{name_or_path}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in (project_root() / "configs").glob("*.py") if not p.stem.startswith("_"))
-        raise FileNotFoundError(f"no config {name_or_path!r} (looked for {path}); known: {', '.join(known)}")
-    spec = importlib.util.spec_from_file_location(f"esmfold_peft_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.name = cfg.get("name", path.stem) if cfg.get("name") not in (None, "base") else path.stem
-    return cfg
+    """A named config from the project's `configs/` (e.g. 'demo') or a path to a config .py file."""
+    return load_config_file(name_or_path, project_root() / "configs")
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        if lowered in ("none", "null"):
-            return None
-        return text
-
-
-def apply_overrides(cfg: mlc.ConfigDict, overrides) -> mlc.ConfigDict:
-    """Apply `key.path=value` strings; unknown keys are an error (typos never pass silently)."""
-    for item in overrides or ():
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.path=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = cfg
-        for part in parts[:-1]:
-            if part not in node:
-                raise KeyError(f"unknown config key {key!r} (no {part!r})")
-            node = node[part]
-        leaf = parts[-1]
-        if leaf not in node:
-            raise KeyError(f"unknown config key {key!r}; keys here: {', '.join(sorted(node.keys()))}")
-        value = _parse_value(text)
-        old = node[leaf]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(old, str) and not isinstance(value, str):
-            value = text
-        node[leaf] = value
-    return cfg
+def resolve_alpha(cfg: mlc.ConfigDict) -> None:
+    """Store α explicitly: 0 (or unset) means α = r, i.e. scale 1."""
+    if cfg.adapter.method in ("lorta", "lora") and not cfg.adapter.alpha:
+        cfg.adapter.alpha = float(cfg.adapter.rank)
 
 
 def adapter_alpha(cfg) -> float:
     return float(cfg.adapter.alpha) if cfg.adapter.alpha else float(cfg.adapter.rank)
+
+
+def check_config(cfg: mlc.ConfigDict) -> None:
+    """Values that a type check cannot catch, each refused with the key named (ConfigError)."""
+    a, t = cfg.adapter, cfg.train
+    if a.method not in ADAPTERS:
+        raise ConfigError(f"adapter.method must be one of {', '.join(ADAPTERS)}, got {a.method!r}")
+    if a.method in ("lorta", "lora"):
+        if int(a.rank) < 1:
+            raise ConfigError(f"adapter.rank must be at least 1, got {a.rank}")
+        if not (float(a.alpha) >= 0 and math.isfinite(float(a.alpha))):
+            raise ConfigError(f"adapter.alpha must be a finite number >= 0, got {a.alpha}")
+    if a.method == "lorta":
+        parse_modes(a.modes)
+    for key in ("steps", "batch_size", "crop_size"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {t[key]}")
+    if int(t.effective_batch_size) < 0 or int(t.max_recycles) < 0:
+        raise ConfigError("train.effective_batch_size and train.max_recycles must be >= 0")
+    if not float(cfg.optim.lr) > 0:
+        raise ConfigError(f"optim.lr must be above 0, got {cfg.optim.lr}")
+    if cfg.data.source not in ("demo", "openfold", "dir"):
+        raise ConfigError(f"data.source must be demo, openfold or dir; got {cfg.data.source!r}")

@@ -11,7 +11,6 @@ Sources, in the order they are tried for a config `lm`:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import warnings
@@ -22,11 +21,14 @@ import torch
 
 from .. import compat  # noqa: F401  (torch.load allow-list for fair-esm checkpoints)
 from ..adapters.layouts import architecture
+from .esm_attention import enable_sdpa  # SDPA attention switch
+from ..runtime.artifacts import check_tensors, load_safetensors, read_json, torch_load
+from ..runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class LanguageModelError(RuntimeError):
+class LanguageModelError(UserError):
     pass
 
 
@@ -123,9 +125,9 @@ def load_hf_esm(path: Path, heads: Optional[int] = None):
         else:
             raise LanguageModelError(f"{path} has neither model.safetensors nor pytorch_model.bin")
         if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+            config = read_json(path / "config.json", dict, "model config")
     elif (path.parent / "config.json").is_file():
-        config = json.loads((path.parent / "config.json").read_text())
+        config = read_json(path.parent / "config.json", dict, "model config")
     if config and config.get("model_type") not in (None, "esm"):
         raise LanguageModelError(f"{path}: config model_type is {config.get('model_type')!r}, not 'esm'")
     if config.get("position_embedding_type", "rotary") != "rotary" or config.get("emb_layer_norm_before"):
@@ -134,12 +136,10 @@ def load_hf_esm(path: Path, heads: Optional[int] = None):
     if config.get("layer_norm_eps", 1e-5) != 1e-5:
         log.warning("%s: layer_norm_eps=%s, but fair-esm's ESM2 uses 1e-5; outputs will differ slightly",
                     path, config["layer_norm_eps"])
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(weights))
-    else:
-        raw = torch.load(str(weights), map_location="cpu", weights_only=True)
+    raw = load_safetensors(weights, check_values=False) if weights.suffix == ".safetensors" else torch_load(weights)
+    if not isinstance(raw, dict):
+        raise LanguageModelError(f"{weights}: not a state dict")
+    check_tensors({k: v for k, v in raw.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}, weights)
     sd, ignored = convert_hf_esm_state_dict(raw)
     heads = heads or config.get("num_attention_heads")
     n_layers, dim, heads = _infer_shape(sd, heads)
@@ -162,29 +162,53 @@ def load_hf_esm(path: Path, heads: Optional[int] = None):
 
 def load_fair_esm_checkpoint(path: Path):
     """A local fair-esm `.pt` (ESM-2 `cfg` format or ESM-1 `args` format); the contact-regression
-    file beside it (`<stem>-contact-regression.pt`) is optional, unlike in fair-esm's own loader."""
+    file beside it (`<stem>-contact-regression.pt`) is optional, unlike in fair-esm's own loader.
+
+    Read through the project's weights-only loader (`runtime.artifacts.torch_load`, with fair-esm's
+    `argparse.Namespace` allow-listed in `compat`), whatever torch's default; weights must be finite.
+    """
     import esm
 
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LanguageModelError(f"cannot read fair-esm checkpoint {path}: {exc}") from exc
+    data = torch_load(path)
     if not isinstance(data, dict) or "model" not in data or not ({"cfg", "args"} & set(data)):
-        raise LanguageModelError(f"{path} is not a fair-esm checkpoint (expected keys 'model' and 'cfg' or 'args')")
+        raise LanguageModelError(f"{path}: not a fair-esm checkpoint (expected keys 'model' and 'cfg' or 'args')")
+    if not isinstance(data["model"], dict):
+        raise LanguageModelError(f"{path}: not a fair-esm checkpoint ('model' is not a state dict)")
+    check_tensors({k: v for k, v in data["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()},
+                  path)
     regression_path = path.with_name(f"{path.stem}-contact-regression.pt")
-    regression = torch.load(str(regression_path), map_location="cpu", weights_only=True) \
-        if regression_path.is_file() else None
+    regression = torch_load(regression_path) if regression_path.is_file() else None
     # fair-esm picks the ESM-2 code path by name; a renamed ESM-2 file is recognised by its `cfg`
     name = path.stem if path.stem.startswith("esm") else ("esm2_local" if "cfg" in data else "esm1_local")
-    return esm.pretrained.load_model_and_alphabet_core(name, data, regression)
+    try:
+        return esm.pretrained.load_model_and_alphabet_core(name, data, regression)
+    except (KeyError, RuntimeError, AttributeError, TypeError) as exc:
+        raise LanguageModelError(f"{path}: fair-esm cannot build a model from it ({type(exc).__name__}: {exc})") \
+            from exc
 
 
+def looks_like_path(name: str) -> bool:
+    """A model.lm.name that names a file (fair-esm would torch.load it itself): route it to our loader."""
+    return name.endswith((".pt", ".pth")) or "/" in name or name.startswith("~")
+
+
+# --- SDPA attention switch (esm_attention.py): model.lm.sdpa, on unless set to False ---
 def load_language_model(lm_cfg):
-    """(ESM2 model, alphabet, description) from a config with keys name, path, random_init, heads."""
+    """(ESM2 model, alphabet, description) from a config with keys name, path, random_init, heads, sdpa."""
+    model, alphabet, description = _load_language_model(lm_cfg)
+    if lm_cfg.get("sdpa", True):
+        enable_sdpa(model)  # attention without the L×L probability tensor, same outputs
+    return model, alphabet, description
+# --- end of the SDPA attention switch ---
+
+
+def _load_language_model(lm_cfg):
     import esm
 
     path = lm_cfg.get("path")
     name = lm_cfg.get("name")
+    if not path and name and looks_like_path(name):
+        path = name
     if path:
         p = Path(path).expanduser()
         if not p.exists():
@@ -199,7 +223,7 @@ def load_language_model(lm_cfg):
     if lm_cfg.get("random_init"):
         layout = architecture(name)
         warnings.warn(f"language model {name} is RANDOMLY INITIALISED (model.lm.random_init=True): "
-                      "results say nothing about a pretrained ESM-2", stacklevel=2)
+                      "results say nothing about a pretrained ESM-2", stacklevel=3)
         model = _build_esm2(layout.n_layers, layout.d_model, layout.n_heads)
         return model, model.alphabet, f"random {name}"
     try:

@@ -25,7 +25,6 @@ file. Conventions:
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -37,9 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import compat  # noqa: F401  (must precede openfold imports)
-from ..adapters import get_adapter_set
+from ..adapters import get_adapter_set, has_adapters
+from ..atomic import atomic_write, write_json_atomic
 from ..data.fasta import BadRecord, SequenceRecord, read_fasta
-from ..atomic import write_json_atomic
+from ..runtime.errors import UserError
+from ..runtime.rundir import ensure_writable_dir
+from ..runtime.session import resolve_device
+from ..runtime.text import finite_or_none
 from .checkpoint import load_trained_model
 from .model import CA, predicted_atom37
 
@@ -55,7 +58,7 @@ MAX_STEM_LENGTH = 100
 DEFAULT_MERGE_TOLERANCE = 0.05
 
 
-class PredictionError(RuntimeError):
+class PredictionError(UserError):
     """Prediction cannot start (e.g. the device asked for is not available)."""
 
 
@@ -235,19 +238,6 @@ def merge_adapter_checked(model, sequences: Sequence[str], device: torch.device,
     return check, merged
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
-    """`name` as a torch device; None or 'auto' picks CUDA when available, else the CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise PredictionError(f"unknown device {name!r} ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictionError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
 # --- a FASTA file in, files out -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -273,12 +263,23 @@ class PredictionRun:
         return not self.failures
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "cannot allocate memory" in text)
+
+
 def _predict_or_split(model, records: list[SequenceRecord], device: torch.device,
                       num_recycles: int) -> list[tuple[SequenceRecord, Prediction | str]]:
     """Each record with its prediction, or the reason it failed; halves a batch that runs out of memory."""
     try:
         return list(zip(records, predict_sequences(model, [r.sequence for r in records], device, num_recycles)))
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if len(records) == 1:
@@ -288,13 +289,9 @@ def _predict_or_split(model, records: list[SequenceRecord], device: torch.device
                 + _predict_or_split(model, records[half:], device, num_recycles))
 
 
-def _finite_or_none(x: float) -> Optional[float]:
-    return x if math.isfinite(x) else None
-
-
 def _record_summary(record: SequenceRecord, prediction: Prediction, stem: str, num_recycles: int) -> dict:
     return {"id": record.id, "description": record.description, "length": len(record),
-            "mean_plddt": prediction.mean_plddt, "ptm": _finite_or_none(prediction.ptm), "seconds": prediction.seconds,
+            "mean_plddt": prediction.mean_plddt, "ptm": finite_or_none(prediction.ptm), "seconds": prediction.seconds,
             "batch_size": prediction.batch_size, "num_recycles": num_recycles, "pdb": f"{stem}.pdb",
             "substitutions": record.substitutions, "sequence": record.sequence}
 
@@ -303,7 +300,7 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path, out_dir: str | Path, *
                   checkpoint: str | Path | None = None, num_recycles: Optional[int] = None,
                   device: Optional[str] = None, max_length: Optional[int] = 1000, batch_residues: int = 1024,
                   merge: bool = True, merge_tolerance: float = DEFAULT_MERGE_TOLERANCE,
-                  progress: bool = True) -> PredictionRun:
+                  progress: bool = True, overrides: Sequence[str] = ()) -> PredictionRun:
     """Predict every usable record of a FASTA file with a trained run and write the files.
 
     Args:
@@ -318,67 +315,81 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path, out_dir: str | Path, *
         merge: merge the adapter into the language model (checked on the first batch).
         merge_tolerance: largest deviation (Å, pLDDT points) accepted between merged and unmerged.
         progress: show a progress bar.
+        overrides: `key=value` changes to the run's config, e.g. `model.lm.path=…` for a moved
+            language model or `model.trunk.chunk_size=64`.
 
+    `predictions.json` is always written, atomically, for what was done, also when interrupted.
     Raises FastaError (unusable FASTA file), CheckpointError and friends (unusable run),
     PredictionError (no usable device) and MergeMismatchError (merging changed the outputs).
     Problems with single records end up in `PredictionRun.failures`.
     """
     started = time.perf_counter()
     if num_recycles is not None and num_recycles < 0:
-        raise ValueError(f"num_recycles must be >= 0, got {num_recycles}")
+        raise PredictionError(f"num_recycles must be >= 0, got {num_recycles}")
     contents = read_fasta(fasta, max_length=max_length)
     for bad in contents.bad:
         log.warning("skipping FASTA record %s", bad)
     torch_device = resolve_device(device)
-    model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None)
+    out_dir = ensure_writable_dir(Path(out_dir))
+    model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None, overrides=overrides)
     model.to(torch_device).eval()
     recycles = int(cfg.val.num_recycles if num_recycles is None else num_recycles)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     records = contents.records
     stems = dict(zip((r.id for r in records), file_stems([r.id for r in records])))
     batches = [[records[i] for i in batch] for batch in length_batches([len(r) for r in records], batch_residues)]
     bar = tqdm(total=len(records), desc="predicting", unit="seq", disable=not progress)
     merge_check, done = None, {}
-    if merge and getattr(model.esm, "peft", None) is not None and batches:
-        merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device, recycles,
-                                                    merge_tolerance)
-        done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
-        log.info("adapter merged: max deviation from unmerged %.2g Å (positions), %.2g (pLDDT) on %d sequence(s)",
-                 merge_check.max_position_deviation, merge_check.max_plddt_deviation, merge_check.n_sequences)
-
     summaries: dict[str, dict] = {}
     failures = list(contents.bad)
-    for k, batch in enumerate(batches):
-        bar.set_postfix(length=len(batch[-1]), batch=len(batch), refresh=False)
-        results = done.pop(k) if k in done else _predict_or_split(model, batch, torch_device, recycles)
-        for record, result in results:
-            if isinstance(result, Prediction) and not result.finite:
-                result = "non-finite coordinates or pLDDT in the prediction"
-            if isinstance(result, str):
-                failures.append(BadRecord(record.id, result, record.line))
-                continue
-            stem = stems[record.id]
-            (out_dir / f"{stem}.pdb").write_text(result.to_pdb(remark=f"{record.id}; B-factors are pLDDT (0-100)"))
-            summaries[record.id] = _record_summary(record, result, stem, recycles)
-            write_json_atomic(out_dir / f"{stem}.json", summaries[record.id])
-        bar.update(len(batch))
-    bar.close()
-
-    predicted = [summaries[r.id] for r in records if r.id in summaries]
     summary_path = out_dir / SUMMARY_FILE
-    write_json_atomic(summary_path, {
-        "fasta": str(fasta), "run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
-        "adapter": cfg.adapter.method, "adapter_merged": merge_check is not None,
-        "merge_check": merge_check.as_dict() if merge_check else None,
-        "language_model": getattr(model, "lm_description", ""), "device": str(torch_device),
-        "num_recycles": recycles, "max_length": max_length, "batch_residues": batch_residues,
-        "plddt": "per-residue Cα pLDDT, 0..100, written into every atom's B-factor",
-        "ptm_head_trained": bool(cfg.loss.tm.weight),
-        "n_records": len(records) + len(contents.bad), "n_predicted": len(predicted), "n_failed": len(failures),
-        "seconds_total": time.perf_counter() - started,
-        "predictions": predicted,
-        "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in failures],
-    })
+
+    def write_summary(status: str) -> None:
+        predicted = [summaries[r.id] for r in records if r.id in summaries]
+        write_json_atomic(summary_path, {
+            "status": status, "fasta": str(fasta), "run_dir": str(run_dir),
+            "checkpoint": str(checkpoint) if checkpoint else None, "overrides": list(overrides),
+            "adapter": cfg.adapter.method, "adapter_merged": merge_check is not None,
+            "merge_check": merge_check.as_dict() if merge_check else None,
+            "language_model": getattr(model, "lm_description", ""), "device": str(torch_device),
+            "num_recycles": recycles, "max_length": max_length, "batch_residues": batch_residues,
+            "plddt": "per-residue Cα pLDDT, 0..100, written into every atom's B-factor",
+            "ptm_head_trained": bool(cfg.loss.tm.weight),
+            "n_records": len(records) + len(contents.bad), "n_predicted": len(predicted), "n_failed": len(failures),
+            "n_not_reached": len(records) - len(predicted) - sum(f.id in {r.id for r in records} for f in failures),
+            "seconds_total": time.perf_counter() - started,
+            "predictions": predicted,
+            "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in failures],
+        })
+
+    try:
+        if merge and has_adapters(model.esm) and batches:
+            merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device,
+                                                        recycles, merge_tolerance)
+            done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
+            log.info("adapter merged: max deviation from unmerged %.2g Å (positions), %.2g (pLDDT) on %d "
+                     "sequence(s)", merge_check.max_position_deviation, merge_check.max_plddt_deviation,
+                     merge_check.n_sequences)
+        for k, batch in enumerate(batches):
+            bar.set_postfix(length=len(batch[-1]), batch=len(batch), refresh=False)
+            results = done.pop(k) if k in done else _predict_or_split(model, batch, torch_device, recycles)
+            for record, result in results:
+                if isinstance(result, Prediction) and not result.finite:
+                    result = "non-finite coordinates or pLDDT in the prediction"
+                if isinstance(result, str):
+                    failures.append(BadRecord(record.id, result, record.line))
+                    continue
+                stem = stems[record.id]
+                pdb = result.to_pdb(remark=f"{record.id}; B-factors are pLDDT (0-100)")
+                atomic_write(out_dir / f"{stem}.pdb", lambda tmp, text=pdb: Path(tmp).write_text(text))
+                summaries[record.id] = _record_summary(record, result, stem, recycles)
+                write_json_atomic(out_dir / f"{stem}.json", summaries[record.id])
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        bar.close()
+        write_summary("interrupted")
+        raise
+    bar.close()
+    write_summary("completed")
+    predicted = [summaries[r.id] for r in records if r.id in summaries]
     return PredictionRun(out_dir, summary_path, predicted, failures, merge_check)

@@ -9,15 +9,10 @@ Run it through `scripts/train_fold.py`, or with several processes through `torch
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import logging
 import math
-import os
 import random
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,22 +24,25 @@ from tqdm import tqdm
 
 from ..data import ChainDataset, ChainFilter, build_cache, collate, demo_source, directory_source, openfold_source
 from ..data.dataset import WeightedBatchSampler, step_seed
-from ..data.demo import DemoDataError, ensure_demo_data
+from ..data.demo import ensure_demo_data
+from ..runtime.errors import (COMPLETED, DIVERGED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED,
+                              ConfigError, UserError)
+from ..runtime.rundir import RunDir, RunSummary
+from ..runtime.session import (Dist, StopSignal, autocast_for, remove_file_logging, setup_distributed,
+                               setup_file_logging, teardown_distributed)
+from ..runtime.text import finite_or_none, format_score
 from .build import build_model, parameter_counts
-from .checkpoint import (LAST, CheckpointError, export_model, load_trained_state, read_checkpoint, save_checkpoint,
-                         set_rng_state, write_json_atomic)
-from .config import adapter_alpha, project_root
-from .lm import LanguageModelError
+from .checkpoint import export_model, load_trained_state, read_checkpoint, save_checkpoint, set_rng_state
+from .config import adapter_alpha
 from .losses import fold_loss
 from .plots import plot_training_curves
-from .validate import autocast_for, maybe, validate
+from .runs import check_resumable_config, fill_defaults, finish, stored_form
+from .validate import validate
 
 log = logging.getLogger("esmfold_peft.train")
 
-EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 130
-# what a run can fail with before it trains, from its inputs (scripts print these as one-line errors)
-RUN_SETUP_ERRORS = (FileExistsError, FileNotFoundError, ValueError, LanguageModelError, CheckpointError,
-                    DemoDataError)
+STATUS_OF_EXIT = {EXIT_OK: COMPLETED, EXIT_DIVERGED: DIVERGED, EXIT_INTERRUPTED: INTERRUPTED}
+resolve_paths = fill_defaults  # the name other modules know
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -97,70 +95,7 @@ class EMA:
             self.shadow[n].copy_(v)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    if device_pref == "auto":
-        device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_pref)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # validation runs on rank 0 while the others wait in their next collective: allow for it
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    return d, device
-
-
-class StopSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step and checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: finishing this step and writing a checkpoint (signal again to abort)")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # --- data ---------------------------------------------------------------------------------------
-
-def resolve_paths(cfg: mlc.ConfigDict) -> None:
-    """Fill defaults that depend on where things are (demo data root, cache folder, LM path)."""
-    if cfg.data.source == "demo" and not cfg.data.root:
-        cfg.data.root = str(project_root() / "data" / "demo")
-    if "{demo}" in cfg.model.lm.path:
-        cfg.model.lm.path = cfg.model.lm.path.replace("{demo}", cfg.data.root or str(project_root() / "data" / "demo"))
-    if not cfg.data.cache_dir:
-        cfg.data.cache_dir = str(project_root() / "data" / "cache" / cfg.data.source)
-
 
 def has_validation_set(cfg: mlc.ConfigDict) -> bool:
     """Whether the config names validation chains (without reading any data): the rule of `source_for`."""
@@ -189,10 +124,10 @@ def source_for(cfg: mlc.ConfigDict, split: str):
                                ChainFilter(max_length=d.val_max_length or None))
     if d.source == "dir":
         if split == "train" and not d.train_dir:
-            raise ValueError("data.source=dir needs data.train_dir (and optionally data.val_dir)")
+            raise ConfigError("data.source=dir needs data.train_dir (and optionally data.val_dir)")
         directory = d.train_dir if split == "train" else d.val_dir
         return directory_source(directory) if directory else None
-    raise ValueError(f"data.source must be demo, openfold or dir; got {d.source!r}")
+    raise ConfigError(f"data.source must be demo, openfold or dir; got {d.source!r}")
 
 
 def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
@@ -218,7 +153,7 @@ def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
 def build_datasets(cfg: mlc.ConfigDict, is_main: bool):
     train = build_split(cfg, "train", is_main)
     if train is None:
-        raise ValueError(f"no usable training chains from data.source={cfg.data.source}")
+        raise UserError(f"no usable training chains from data.source={cfg.data.source} (see the skipped files above)")
     return train, build_split(cfg, "val", is_main)
 
 
@@ -243,36 +178,91 @@ def train(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bo
 
 
 def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True):
-    """Train; return (exit status, the trained model as this process holds it)."""
-    handlers: list = []  # the run's log file handler, removed when the run ends
-    try:
-        return _train_model(cfg, out_dir, resume, progress, handlers)
-    finally:
-        for handler in handlers:
-            logging.getLogger("esmfold_peft").removeHandler(handler)
-            handler.close()
+    """Train; return (exit status, the trained model as this process holds it).
 
-
-def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: bool, handlers: list):
-    out_dir = Path(out_dir)
+    `cfg` is the run's resolved config (`runs.new_run_config` / `runs.resume_run_config`). A new run
+    needs a directory that holds no run (a failed start may be replaced); a resumed one continues
+    from its checkpoint, or from step 0 when it stopped before its first checkpoint. A fault in the
+    inputs (UserError) marks the run failed with its reason and propagates; an interrupt anywhere
+    marks it interrupted (with a checkpoint when steps were done) and returns 130.
+    """
+    run = RunDir(out_dir)
+    finish(cfg)  # α and default paths made explicit, values checked (idempotent)
     d, device = setup_distributed(cfg.train.device)
-    resolve_paths(cfg)
-    ckpt_path = out_dir / "checkpoints" / LAST
-    ckpt = None
-    if resume:
-        ckpt = read_checkpoint(ckpt_path)
-        check_resumable(cfg, mlc.ConfigDict(ckpt["config"]))
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    state = _RunState(run=run, cfg=cfg, d=d)
+    try:
+        if d.main:
+            replace_failed = run.check_new() if not resume else run.check_resumable()
+            if resume:
+                check_resumable_config(run.path, cfg)
+            run.clean_temporaries()
+            run.start(stored_form(cfg, run.path), replace_failed=bool(replace_failed))
+            state.log_handler = setup_file_logging(run.log_file)
+        with StopSignal() as stop:
+            status = _train(state, device, resume, progress, stop)
+        return status, state.model
+    except KeyboardInterrupt:
+        state.interrupted()
+        return EXIT_INTERRUPTED, state.model
+    except UserError as exc:
+        state.failed(str(exc))
+        raise
+    finally:
+        if state.log_handler is not None:
+            remove_file_logging(state.log_handler)
+        teardown_distributed()
 
+
+class _RunState:
+    """What the loop has built so far, so an interrupt or a failure anywhere can be recorded truthfully."""
+
+    def __init__(self, run: RunDir, cfg: mlc.ConfigDict, d: Dist):
+        self.run, self.cfg, self.d = run, cfg, d
+        self.model = self.log_handler = self.save = None  # save(): a checkpoint of the current step
+        self.step, self.saved_step, self.counts = 0, 0, None
+        self.in_step = False  # between a step's first gradient and its last update the state is not consistent
+        self.extra = {"val_initial": None, "wall_before": 0.0}
+        self.started = time.time()
+
+    def summary(self, status: str, reason=None, divergence=None, final_val=None) -> dict:
+        cfg, adapted = self.cfg, self.cfg.adapter.method in ("lorta", "lora")
+        wall = self.extra["wall_before"] + time.time() - self.started
+        results = {
+            "adapter": cfg.adapter.method, "rank": cfg.adapter.rank if adapted else None,
+            "alpha": adapter_alpha(cfg) if adapted else None, "config": cfg.name,
+            "language_model": getattr(self.model, "lm_description", ""), "trainable_parameters": self.counts,
+            "device": str(getattr(self, "device", "")), "processes": self.d.world,
+            "diverged": status == DIVERGED, "divergence": divergence,
+            "divergence_rule": f"non-finite loss or gradient norm, or loss > {cfg.train.diverge_loss_threshold}",
+            "val_lddt_ca_initial": finite_or_none((self.extra["val_initial"] or {}).get("lddt_ca")),
+            "val_lddt_ca_final": finite_or_none((final_val or {}).get("lddt_ca")),
+            "val_final": final_val, "ema": bool(cfg.optim.ema_decay),
+        }
+        return self.run.write_summary(RunSummary("fold", status, steps=self.step, target_steps=cfg.train.steps,
+                                                 wall_time_s=round(wall, 2), reason=reason, results=results))
+
+    def interrupted(self) -> None:
+        if not self.d.main or not self.run.config.exists():
+            return
+        if self.save is not None and self.step > self.saved_step and not self.in_step:
+            self.save()
+        reason = f"interrupted at step {self.step}; continue with --resume"
+        log.warning("%s", reason)
+        self.summary(INTERRUPTED, reason=reason)
+
+    def failed(self, reason: str) -> None:
+        if self.d.main and self.run.config.exists() and not self.run.last_checkpoint.exists():
+            self.summary(FAILED, reason=reason)
+
+
+def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSignal) -> int:
+    cfg, d, run = state.cfg, state.d, state.run
+    state.device = device
+    ckpt = read_checkpoint(run.last_checkpoint) if resume and run.last_checkpoint.exists() else None
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(setup_file_logging(out_dir))
-        write_json_atomic(out_dir / "config.json", cfg.to_dict())
-        if cfg.data.source == "demo":
-            ensure_demo_data(cfg.data.root, log=lambda m: log.info("demo data: %s", m))
+    if d.main and cfg.data.source == "demo":
+        ensure_demo_data(cfg.data.root, log=lambda m: log.info("demo data: %s", m))
     if d.world > 1:
         dist.barrier()
 
@@ -284,8 +274,8 @@ def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: boo
         dist.barrier()
     if not d.main:
         train_ds, val_ds = build_datasets(cfg, False)
-    model = build_model(cfg).to(device)
-    counts = parameter_counts(model)
+    model = state.model = build_model(cfg).to(device)
+    counts = state.counts = parameter_counts(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     o = cfg.optim
@@ -295,25 +285,35 @@ def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: boo
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                            else None) if d.world > 1 else model)
 
-    step, extra = 0, {"val_initial": None, "wall_before": 0.0}
     if ckpt is not None:
-        load_trained_state(model, ckpt["model"], str(ckpt_path))
+        load_trained_state(model, ckpt["model"], str(run.last_checkpoint))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
-        step, extra = ckpt["step"], ckpt["extra"]
+        state.step = state.saved_step = ckpt["step"]
+        state.extra = ckpt["extra"]
         if d.main:
-            truncate_metrics(out_dir / "metrics.jsonl", step)
-            log.info("resumed from %s at step %d", ckpt_path, step)
+            log.info("resumed from %s at step %d", run.last_checkpoint, state.step)
+    if d.main:
+        run.truncate_metrics(state.step)  # records after the checkpoint are written again
 
+    def save() -> None:
+        state.extra["wall_before"] += time.time() - state.started
+        state.started = time.time()
+        if d.main:
+            save_checkpoint(run.last_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                            step=state.step, cfg=cfg, extra=state.extra)
+        state.saved_step = state.step
+
+    state.save = save if d.world == 1 else None  # with several processes only a step's end is a safe point
     if d.main:
         log.info("device %s, %d process(es), %d micro-batch(es) of %d per step; trainable parameters: %s",
                  device, d.world, accum, cfg.train.batch_size, counts)
     bf16 = bool(cfg.train.bf16) and device.type == "cuda"
 
-    def run_validation(tag: str) -> Optional[dict]:
+    def run_validation(tag: str):
         if val_ds is None or not d.main:
             return None
         ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
@@ -322,25 +322,29 @@ def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: boo
                            max_chains=cfg.data.val_max_chains, progress=progress)
         res.pop("chains")
         log.info("validation (%s, step %d): LDDT-Ca %.4f (%s), pooled over pairs %.4f, mean pLDDT %.1f",
-                 tag, step, res["lddt_ca"], "EMA weights" if ema is not None else "weights",
+                 tag, state.step, res["lddt_ca"], "EMA weights" if ema is not None else "weights",
                  res["lddt_ca_pooled_all"], res["mean_plddt"])
-        append_metrics(out_dir, {"step": step, "val": res})
+        run.append_metrics({"step": state.step, "val": res})
         return res
 
-    if step == 0 and extra["val_initial"] is None:
-        extra["val_initial"] = run_validation("initial")
+    if ckpt is not None and state.step >= cfg.train.steps and run.status() == COMPLETED:
+        log.info("%s is already complete at step %d (give --steps N to train further)", run.path, state.step)
+        return EXIT_OK
+    if state.step == 0 and state.extra["val_initial"] is None:
+        state.extra["val_initial"] = run_validation("initial")
 
     sampler = WeightedBatchSampler(train_ds.cache.weights, cfg.train.batch_size, cfg.train.seed,
                                    rank=d.rank, world_size=d.world)
-    data = batches(train_ds, sampler, step * accum, cfg.data.num_workers)
+    data = batches(train_ds, sampler, state.step * accum, cfg.data.num_workers)
     total = cfg.train.steps
-    started = time.time()
-    status, divergence, last_val = EXIT_OK, None, None
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.adapter.method}", disable=not (progress and d.main),
-               dynamic_ncols=True)
-    with StopSignal() as stop:
-        while step < total:
+    status, divergence = EXIT_OK, None
+    bar = tqdm(total=total, initial=min(state.step, total), desc=f"train {cfg.adapter.method}",
+               disable=not (progress and d.main), dynamic_ncols=True)
+    while state.step < total:
+        with stop.deferred():  # a signal here finishes the step, checkpoints and stops
+            state.in_step = True
             t0 = time.time()
+            step = state.step
             recycles = int(torch.randint(0, cfg.train.max_recycles + 1, (1,),
                                          generator=torch.Generator().manual_seed(step_seed(cfg.train.seed + 1, step))))
             sums: dict = {}
@@ -375,26 +379,22 @@ def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: boo
             scheduler.step()
             if ema is not None:
                 ema.update(named)
-            step += 1
+            state.step = step = step + 1
             dt = time.time() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", s_per_step=f"{dt:.2f}", refresh=False)
             if d.main and (step % cfg.train.log_every == 0 or step == total):
-                append_metrics(out_dir, {"step": step, **{k: round(v, 6) for k, v in sums.items()},
-                                         "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                         "recycles": recycles, "sec_per_step": round(dt, 4)})
-            if cfg.train.val_every and step % cfg.train.val_every == 0 and step < total:
-                last_val = run_validation("periodic")
+                run.append_metrics({"step": step, **{k: round(v, 6) for k, v in sums.items()},
+                                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                    "recycles": recycles, "sec_per_step": round(dt, 4)})
+            state.in_step = False
+        if cfg.train.val_every and step % cfg.train.val_every == 0 and step < total:
+            run_validation("periodic")
+        with stop.deferred():
             if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total or stop.requested:
-                extra["wall_before"] += time.time() - started
-                started = time.time()
-                if d.main:
-                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                                    step=step, cfg=cfg, extra=extra)
-            if stop.requested and step < total:
-                status = EXIT_INTERRUPTED
-                log.warning("stopped at step %d; continue with --resume", step)
-                break
+                save()
+        if stop.requested and step < total:
+            raise KeyboardInterrupt
     bar.close()
 
     final_val = None
@@ -403,30 +403,16 @@ def _train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool, progress: boo
         if d.main:
             ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
             with ctx:
-                export_model(out_dir, model, cfg)
+                export_model(run.path, model, stored_form(cfg, run.path))
     if d.main:
-        wall = extra["wall_before"] + time.time() - started
-        summary = {
-            "adapter": cfg.adapter.method, "rank": cfg.adapter.rank if cfg.adapter.method in ("lorta", "lora") else None,
-            "alpha": adapter_alpha(cfg) if cfg.adapter.method in ("lorta", "lora") else None,
-            "config": cfg.name, "language_model": getattr(model, "lm_description", ""),
-            "trainable_parameters": counts, "steps": step, "target_steps": total,
-            "wall_time_s": round(wall, 2), "device": str(device), "processes": d.world,
-            "status": {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted"}[status],
-            "diverged": status == EXIT_DIVERGED, "divergence": divergence,
-            "divergence_rule": f"non-finite loss or gradient norm, or loss > {cfg.train.diverge_loss_threshold}",
-            "val_lddt_ca_initial": maybe((extra["val_initial"] or {}).get("lddt_ca")),
-            "val_lddt_ca_final": maybe((final_val or {}).get("lddt_ca")),
-            "val_final": final_val, "ema": bool(ema),
-        }
-        write_json_atomic(out_dir / "summary.json", summary)
-        plot_training_curves(out_dir)
-        log.info("wrote %s (status: %s, LDDT-Ca %s -> %s)", out_dir, summary["status"],
-                 fmt(summary["val_lddt_ca_initial"]), fmt(summary["val_lddt_ca_final"]))
+        summary = state.summary(STATUS_OF_EXIT[status], divergence=divergence, final_val=final_val,
+                                reason=divergence["rule"] if divergence else None)
+        plot_training_curves(run.path)
+        log.info("wrote %s (status: %s, LDDT-Ca %s -> %s)", run.path, summary["status"],
+                 format_score(summary["val_lddt_ca_initial"]), format_score(summary["val_lddt_ca_final"]))
     if d.world > 1:
         dist.barrier()
-        dist.destroy_process_group()
-    return status, model
+    return status
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -442,7 +428,7 @@ def accumulation_steps(cfg: mlc.ConfigDict, world: int) -> int:
     per_step = cfg.train.batch_size * world
     eff = cfg.train.effective_batch_size or per_step
     if eff % per_step:
-        raise ValueError(f"effective_batch_size {eff} is not a multiple of batch_size×processes = {per_step}")
+        raise ConfigError(f"train.effective_batch_size {eff} is not a multiple of batch_size×processes = {per_step}")
     return eff // per_step
 
 
@@ -469,47 +455,3 @@ def agree(reason: Optional[str], d: Dist, device) -> Optional[str]:
     flag = torch.tensor([0.0 if reason is None else 1.0], device=device)
     dist.all_reduce(flag)
     return reason or ("another process diverged" if flag.item() > 0 else None)
-
-
-RESUME_KEYS = ("model", "adapter", "loss", "optim", "data")
-
-
-def check_resumable(cfg: mlc.ConfigDict, saved: mlc.ConfigDict) -> None:
-    """Only train.steps (and logging/validation cadence) may change on resume."""
-    diffs = [k for k in RESUME_KEYS if json.dumps(cfg[k].to_dict(), sort_keys=True, default=str)
-             != json.dumps(saved[k].to_dict(), sort_keys=True, default=str)]
-    for k in ("seed", "batch_size", "effective_batch_size", "crop_size", "max_recycles"):
-        if cfg.train[k] != saved.train[k]:
-            diffs.append(f"train.{k}")
-    if diffs:
-        raise ValueError(f"cannot resume: the configuration differs from the checkpoint's in {', '.join(diffs)}")
-
-
-def append_metrics(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def setup_file_logging(out_dir: Path) -> logging.Handler:
-    """RUN/train.log receives the package's log records (INFO and up) while the run lasts."""
-    handler = logging.FileHandler(out_dir / "train.log")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("esmfold_peft")
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    return handler
-
-
-def fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-

@@ -1,8 +1,9 @@
 """How every script starts and ends: argument types, `--set` overrides, and one exit path.
 
-    def main(argv=None) -> int: ...
+    def main(argv=None) -> int:
+        return run_main(_main, argv)      # _main parses argv and does the work
     if __name__ == "__main__":
-        sys.exit(run_main(main))
+        sys.exit(main())
 
 `run_main` turns a `UserError` into its one line and exit code 2, Ctrl-C into exit 130, an
 unwritable output into one line, and anything else into a one-line internal error (the traceback
@@ -65,10 +66,10 @@ def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def run_main(main: Callable[[], int]) -> int:
-    """Call `main()` and map every way it can end onto the exit-code table (see the module docstring)."""
+def run_main(main: Callable[..., int], *args) -> int:
+    """Call `main(*args)` and map every way it can end onto the exit-code table (see the module docstring)."""
     try:
-        return int(main() or 0)
+        return int(main(*args) or 0)
     except UserError as exc:
         error(str(exc))
         return exc.exit_code

@@ -20,11 +20,11 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from ..atomic import remove_stale_temporaries, write_json_atomic
 from .artifacts import read_json
-from .errors import (COMPLETED, FAILED, RUNNING, STATUS_EXIT, STATUSES, ArtifactError, OutputPathError, UserError,
+from .errors import (COMPLETED, FAILED, STATUS_EXIT, STATUSES, ArtifactError, OutputPathError, UserError,
                      describe_os_error)
 
 log = logging.getLogger("esmfold_peft.run")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import os
 import signal
 from dataclasses import dataclass
@@ -135,16 +134,3 @@ def setup_file_logging(path: Path) -> logging.Handler:
 def remove_file_logging(handler: logging.Handler) -> None:
     log.removeHandler(handler)
     handler.close()
-
-
-def finite_or_none(value):
-    """NaN/Inf (and None) as None, for JSON and reports; other values unchanged."""
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def format_score(value, digits: int = 4) -> str:
-    return "n/a" if finite_or_none(value) is None else f"{value:.{digits}f}"

@@ -1,0 +1,94 @@
+"""A folding run's configuration: how it is built, stored portably, resumed and overridden.
+
+    cfg = new_run_config("demo", ["adapter.method=lorta", "train.steps=40"])   # a new run
+    cfg = resume_run_config(run_dir, ["train.steps=80"])                          # --resume, flags on top
+
+The run directory stores the fully resolved config (α explicit, default paths filled in), with
+paths inside the run or the project written as `{run}/…` and `{project}/…` so a run directory
+(or the checkout) can move. On resume the stored config is the truth: flags override only what
+they name, and only keys in `RESUME_FREE` may change; any other difference is refused, each key
+named with its stored and requested values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import ml_collections as mlc
+
+from ..runtime.config import apply_overrides, describe_differences, differences
+from ..runtime.errors import ConfigError, UserError
+from ..runtime.rundir import RunDir, map_paths, resolve_path, store_path
+from .config import PATH_KEYS, RESUME_FREE, check_config, load_config, project_root, resolve_alpha
+
+
+def fill_defaults(cfg: mlc.ConfigDict) -> None:
+    """Defaults that depend on where things are (demo data root, cache folder, `{demo}` in the LM path)."""
+    if cfg.data.source == "demo" and not cfg.data.root:
+        cfg.data.root = str(project_root() / "data" / "demo")
+    if "{demo}" in cfg.model.lm.path:
+        cfg.model.lm.path = cfg.model.lm.path.replace("{demo}", cfg.data.root or str(project_root() / "data" / "demo"))
+    if not cfg.data.cache_dir:
+        cfg.data.cache_dir = str(project_root() / "data" / "cache" / cfg.data.source)
+
+
+def finish(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Resolve what a run stores explicitly (α, default paths) and check the values."""
+    resolve_alpha(cfg)
+    fill_defaults(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def new_run_config(config: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+    cfg = load_config(config)
+    apply_overrides(cfg, overrides)
+    return finish(cfg)
+
+
+def stored_form(cfg: mlc.ConfigDict, run_dir: Path) -> dict:
+    """The dict written to RUN/config.json: paths inside the run or the project made relative to them."""
+    return map_paths(cfg.to_dict(), PATH_KEYS, lambda v: store_path(v, Path(run_dir), project_root()))
+
+
+def working_form(stored: dict, run_dir: Optional[Path]) -> mlc.ConfigDict:
+    """A stored config with its placeholders resolved against where the run and project are now."""
+    return mlc.ConfigDict(map_paths(stored, PATH_KEYS, lambda v: resolve_path(v, run_dir, project_root())))
+
+
+def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+    """The run's config as it can be used here, with `key=value` overrides (e.g. a moved LM, a chunk size)."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"{run.path}: no such run directory")
+    if not run.config.exists():
+        raise UserError(f"{run.path}: not a run directory (no config.json)")
+    stored = run.read_config()
+    for section in ("model", "adapter", "train", "data"):
+        if not isinstance(stored.get(section), dict):
+            raise UserError(f"{run.config}: not a folding run configuration (no {section!r} section)")
+    try:
+        cfg = working_form(stored, run.path)
+        apply_overrides(cfg, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{run.config}: {exc}") from exc
+    return cfg
+
+
+def resume_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+    """The run's own config with the resume-time overrides; refused when they change what a run cannot."""
+    cfg = finish(read_run_config(run_dir, overrides))
+    check_resumable_config(run_dir, cfg)
+    return cfg
+
+
+def check_resumable_config(run_dir: Path, cfg: mlc.ConfigDict) -> None:
+    """ConfigError naming every key where `cfg` differs from the run's stored config outside `RESUME_FREE`."""
+    stored = read_run_config(run_dir)
+    locked = [d for d in differences(stored.to_dict(), cfg.to_dict())
+              if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE)]
+    if locked:
+        raise ConfigError(f"cannot resume {run_dir} with a different configuration: "
+                          f"{describe_differences(locked)} (a resumed run may change its length, cadence, device "
+                          "and input paths only)")
