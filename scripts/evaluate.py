@@ -29,7 +29,7 @@ from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths  # noqa: E4
 from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
 from esmfold_peft.eval.report import summarize  # noqa: E402
 from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run  # noqa: E402
-from esmfold_peft.runtime.cli import non_negative_int, run_main  # noqa: E402
+from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main  # noqa: E402
 from esmfold_peft.runtime.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, ConfigError,  # noqa: E402
                                          UserError)
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predicted structure file, or a directory of them")
     files.add_argument("--ref", type=Path, metavar="FILE_OR_DIR",
                        help="reference structure file, or a directory of them (matched to --pred by file stem)")
-    files.add_argument("--lddt-cutoff", type=float, metavar="ANGSTROM",
+    files.add_argument("--lddt-cutoff", type=positive_float, metavar="ANGSTROM",
                        help=f"LDDT inclusion radius on reference distances (default: {LDDT_CUTOFF:g}; "
                             "a run is always evaluated with the default, as training validates)")
     run = parser.add_argument_group("evaluate a trained run on its data (as training validates)")
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the first N chains only, 0 for all (default: the run's data.val_max_chains for val, "
                           "all for train)")
     run.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change the run's config for this evaluation: paths of a moved run's inputs "
+                          "(e.g. model.lm.path=…, data.root=…) or model.trunk.chunk_size=64 (repeatable)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory for report.json, report.md and the plots (created if needed)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -121,7 +124,7 @@ def evaluate_trained_run(args: argparse.Namespace) -> int:
     try:
         run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
                            num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
-                           progress=not args.quiet)
+                           progress=not args.quiet, overrides=args.set)
     except UserError:
         raise
     except ValueError as exc:  # the run's config names data that training's data code refuses

@@ -22,6 +22,7 @@ Known families, detected from module names:
 |---|---|---|---|
 | `fair-esm` (ESM-2, ESM-1b) | a transformer layer | `self_attn.{q,k,v,out}_proj` | `self_attn.num_heads`, `.head_dim` |
 | `hf-bert` (BERT, RoBERTa, HF ESM) | a transformer layer | `attention.self.{query,key,value}`, `attention.output.dense` | `attention.self.num_attention_heads` |
+| `hf-mpnet` (MPNet) | a transformer layer | `attention.attn.{q,k,v,o}` | `attention.attn.num_attention_heads` |
 | `hf-llama` (Llama, Mistral, Qwen2, SmolLM…) | a transformer layer | `self_attn.{q,k,v,o}_proj` | the attention's `config` (GQA aware) |
 | `esmfold-seq` (ESMFold trunk) | a trunk block | `seq_attention.proj` (q, k, v fused), `seq_attention.o_proj` | `seq_attention.num_heads`, `.head_width` |
 | `esmfold-tri` (ESMFold trunk) | a triangle attention module | `mha.linear_{q,k,v,o}` | `mha.no_heads`, `.c_hidden` |
@@ -32,6 +33,9 @@ after its projection, so an update of W_q is scaled with it, as the base weights
 separate layers of the family, in model order: l = 2·block + (0 for start, 1 for end), so
 L = 2·blocks (96 for the 48-block esmfold_3B_v1 trunk). The gates (`seq_attention.g_proj`,
 `mha.linear_g`) are not attention projections and are not adapted.
+
+A model may hold several families (a trunk holds both ESMFold ones): `detect_layouts` finds them
+all, `detect_layout` insists on one, and an adapter over several is one per family (`inject.py`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
                         "o": "self_attn.out_proj"}, "self_attn", ("num_heads", "head_dim")),
     Family("hf-bert", {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
                        "o": "attention.output.dense"}, "attention.self", ("num_attention_heads", "attention_head_size")),
+    Family("hf-mpnet", {"q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+                        "o": "attention.attn.o"}, "attention.attn", ("num_attention_heads", "attention_head_size")),
     Family("hf-llama", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                         "o": "self_attn.o_proj"}, "self_attn", None),
     Family("esmfold-seq", {"q": "seq_attention.proj", "k": "seq_attention.proj", "v": "seq_attention.proj",

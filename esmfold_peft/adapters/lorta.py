@@ -187,4 +187,4 @@ class LoRTA(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"rank={c.rank}, alpha={c.alpha}, targets={','.join(c.targets)}, modes={'+'.join(c.modes)}"
+        return f"rank={c.rank}, alpha={c.alpha}, targets={','.join(c.targets)}, modes={','.join(c.modes)}"

@@ -124,7 +124,9 @@ def _split_records(path: Path, text: str) -> list[tuple[int, str, list[str]]]:
 
 def check_sequence(raw: str, max_length: int | None = None) -> tuple[str, dict[str, int]]:
     """(sequence, substitutions) for one record's raw sequence text; ValueError says what is wrong."""
-    seq = "".join(raw.split()).upper()
+    seq = "".join(raw.split())
+    # upper-casing only ASCII: str.upper() maps some other letters onto amino-acid codes ('ſ' -> 'S', 'ß' -> 'SS')
+    seq = "".join(c.upper() if c.isascii() else c for c in seq)
     if seq.endswith("*"):
         seq = seq[:-1]
     if not seq:

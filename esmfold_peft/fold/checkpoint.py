@@ -126,14 +126,17 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     (`model.lm.path=…`) or the trunk's chunk size. Every file read is verified.
     """
     from .build import build_model
+    from .config import USE_FREE
     from .runs import read_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
-    cfg = read_run_config(run_dir, overrides)
+    cfg = read_run_config(run_dir, overrides, use_overrides=USE_FREE)
     method = cfg.adapter.method
     weights = run_dir / "model" / FOLD_WEIGHTS
+    if weights.exists() and not weights.is_file():
+        raise ArtifactError(weights, "not a file (a directory or special file)")
     if checkpoint is None and not weights.is_file():
         last = run_dir / "checkpoints" / LAST
         if not last.is_file():

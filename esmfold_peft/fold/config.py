@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from ..adapters.config import parse_modes
+from ..adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
 from ..runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
 from ..runtime.errors import ConfigError
 from .losses import default_loss_config
@@ -109,6 +109,9 @@ PATH_KEYS = ("model.lm.path", "model.lm.name", "data.root", "data.cache_dir", "d
 RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every", "train.val_every", "train.ckpt_every", "train.device",
                "train.num_threads", "data.num_workers", "data.val_max_chains", "model.trunk.chunk_size",
                "model.checkpoint_blocks", "name") + PATH_KEYS
+# what prediction and evaluation may change in a trained run (--set): where things are and how it runs
+USE_FREE = PATH_KEYS + ("train.device", "train.num_threads", "data.num_workers", "data.val_max_chains",
+                        "model.checkpoint_blocks", "model.lm.sdpa", "model.trunk.chunk_size", "val.")
 
 
 def load_config(name_or_path: str) -> mlc.ConfigDict:
@@ -126,24 +129,57 @@ def adapter_alpha(cfg) -> float:
     return float(cfg.adapter.alpha) if cfg.adapter.alpha else float(cfg.adapter.rank)
 
 
+# (key, test, what the value must be): the ranges no type check catches
+_RANGES = (
+    ("adapter.rank", lambda v: v >= 1, "at least 1"),
+    ("adapter.alpha", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = alpha equals rank)"),
+    ("adapter.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.trunk.num_blocks", lambda v: v >= 1, "at least 1"),
+    ("model.trunk.chunk_size", lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an integer >= 1"),
+    ("model.trunk.max_recycles", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
+    ("optim.eps", lambda v: v > 0, "above 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.decay_every", lambda v: v >= 1, "at least 1"),
+    ("optim.decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.clip_grad_norm", lambda v: v > 0, "above 0"),
+    ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 disables EMA)"),
+    ("train.steps", lambda v: v >= 1, "at least 1"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.effective_batch_size", lambda v: v >= 0, ">= 0 (0 = batch_size × processes)"),
+    ("train.crop_size", lambda v: v >= 1, "at least 1"),
+    ("train.max_recycles", lambda v: v >= 0, ">= 0"),
+    ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.val_every", lambda v: v >= 0, ">= 0 (0 = only at the start and the end)"),
+    ("train.ckpt_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.diverge_loss_threshold", lambda v: v > 0, "above 0"),
+    ("train.num_threads", lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.val_max_chains", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("val.num_recycles", lambda v: v >= 0, ">= 0"),
+    ("val.crop_size", lambda v: v >= 0, ">= 0 (0 = whole chains)"),
+)
+
+
 def check_config(cfg: mlc.ConfigDict) -> None:
     """Values that a type check cannot catch, each refused with the key named (ConfigError)."""
-    a, t = cfg.adapter, cfg.train
+    a = cfg.adapter
     if a.method not in ADAPTERS:
         raise ConfigError(f"adapter.method must be one of {', '.join(ADAPTERS)}, got {a.method!r}")
-    if a.method in ("lorta", "lora"):
-        if int(a.rank) < 1:
-            raise ConfigError(f"adapter.rank must be at least 1, got {a.rank}")
-        if not (float(a.alpha) >= 0 and math.isfinite(float(a.alpha))):
-            raise ConfigError(f"adapter.alpha must be a finite number >= 0, got {a.alpha}")
+    for key, test, what in _RANGES:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        try:
+            ok = bool(test(node))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {node!r}")
     if a.method == "lorta":
-        parse_modes(a.modes)
-    for key in ("steps", "batch_size", "crop_size"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"train.{key} must be at least 1, got {t[key]}")
-    if int(t.effective_batch_size) < 0 or int(t.max_recycles) < 0:
-        raise ConfigError("train.effective_batch_size and train.max_recycles must be >= 0")
-    if not float(cfg.optim.lr) > 0:
-        raise ConfigError(f"optim.lr must be above 0, got {cfg.optim.lr}")
+        try:
+            LoRTAConfig(rank=int(a.rank), alpha=float(a.alpha) or None, modes=parse_modes(a.modes))
+        except AdapterConfigError as exc:
+            raise ConfigError(f"adapter.modes={a.modes!r}: {exc}") from exc
     if cfg.data.source not in ("demo", "openfold", "dir"):
         raise ConfigError(f"data.source must be demo, openfold or dir; got {cfg.data.source!r}")

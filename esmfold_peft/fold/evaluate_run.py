@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def _validated_chain_scores(dataset: ChainDataset, index: int, summary: dict, ou
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", checkpoint: str | Path | None = None,
                  device: str | None = None, num_recycles: int | None = None, max_chains: int | None = None,
-                 plots: bool = True, progress: bool = True) -> EvaluationRun:
+                 plots: bool = True, progress: bool = True, overrides: Sequence[str] = ()) -> EvaluationRun:
     """Evaluate a trained run on one of its data splits, as training validates, and write the report.
 
     Args:
@@ -93,6 +94,8 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
             `data.val_max_chains` for 'val' and all chains for 'train'.
         plots: write the PNG figures.
         progress: progress bars.
+        overrides: `key=value` changes to the run's config for this use (a moved language model or
+            data folder, `model.trunk.chunk_size`, …); what would change the trained model is refused.
 
     Raises ConfigError when the run has no chains in `split`, OutputPathError for an unusable
     `out_dir`, and the checkpoint / model loaders' errors for a run that cannot be loaded.
@@ -104,7 +107,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
     """
     run_dir = Path(run_dir)
     ensure_writable_dir(out_dir)  # before loading the model and building the split's cache, which take time
-    model, cfg = load_trained_model(run_dir, Path(checkpoint) if checkpoint else None)
+    model, cfg = load_trained_model(run_dir, Path(checkpoint) if checkpoint else None, overrides=overrides)
     dataset = split_dataset(cfg, split, progress=progress)
     torch_device = resolve_device(device)
     bf16 = bool(cfg.train.bf16) and torch_device.type == "cuda"

@@ -17,10 +17,13 @@ from typing import Optional, Sequence
 
 import ml_collections as mlc
 
-from ..runtime.config import apply_overrides, describe_differences, differences
+from ..runtime.config import apply_overrides, coerce, describe_differences, differences, flatten, lookup
 from ..runtime.errors import ConfigError, UserError
 from ..runtime.rundir import RunDir, map_paths, resolve_path, store_path
-from .config import PATH_KEYS, RESUME_FREE, check_config, load_config, project_root, resolve_alpha
+from .config import (PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, load_config, project_root,
+                     resolve_alpha)
+
+SECTIONS = ("model", "adapter", "loss", "optim", "train", "data", "val")
 
 
 def fill_defaults(cfg: mlc.ConfigDict) -> None:
@@ -53,26 +56,49 @@ def stored_form(cfg: mlc.ConfigDict, run_dir: Path) -> dict:
 
 
 def working_form(stored: dict, run_dir: Optional[Path]) -> mlc.ConfigDict:
-    """A stored config with its placeholders resolved against where the run and project are now."""
-    return mlc.ConfigDict(map_paths(stored, PATH_KEYS, lambda v: resolve_path(v, run_dir, project_root())))
+    """A stored config, typed like `base_config()`, placeholders resolved against where run and project are now.
+
+    Every value is checked against the type the key has in `base_config()`; a key it does not know
+    or a value of the wrong type is a ConfigError naming the key (the file may have been edited).
+    """
+    resolved = map_paths(stored, PATH_KEYS, lambda v: resolve_path(v, run_dir, project_root()))
+    cfg = base_config()
+    for key, value in flatten(resolved).items():
+        node, leaf = lookup(cfg, key)
+        if isinstance(value, dict):  # an empty section
+            continue
+        node[leaf] = coerce(key, node[leaf], value, value if isinstance(value, str) else repr(value))
+    return cfg
 
 
-def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-    """The run's config as it can be used here, with `key=value` overrides (e.g. a moved LM, a chunk size)."""
+def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
+                    use_overrides: Optional[Sequence[str]] = None) -> mlc.ConfigDict:
+    """The run's config as it can be used here, with `key=value` overrides (e.g. a moved LM, a chunk size).
+
+    `use_overrides`: the key prefixes the overrides may touch (None: any; resuming checks its own rule).
+    """
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"{run.path}: no such run directory")
     if not run.config.exists():
         raise UserError(f"{run.path}: not a run directory (no config.json)")
     stored = run.read_config()
-    for section in ("model", "adapter", "train", "data"):
+    for section in SECTIONS:
         if not isinstance(stored.get(section), dict):
             raise UserError(f"{run.config}: not a folding run configuration (no {section!r} section)")
     try:
         cfg = working_form(stored, run.path)
-        apply_overrides(cfg, overrides)
+        check_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{run.config}: {exc}") from exc
+    if use_overrides is not None:
+        locked = [o.split("=", 1)[0].strip() for o in overrides
+                  if not any(o.split("=", 1)[0].strip().startswith(k) for k in use_overrides)]
+        if locked:
+            raise ConfigError(f"{', '.join(locked)}: cannot be changed when using a trained run (it would not be "
+                              f"the model that was trained); changeable: paths, {', '.join(USE_FREE[-4:])}")
+    apply_overrides(cfg, overrides)
+    check_config(cfg)
     return cfg
 
 

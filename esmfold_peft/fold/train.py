@@ -131,7 +131,7 @@ def source_for(cfg: mlc.ConfigDict, split: str):
 
 
 def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
-                crop_size: Optional[int] = None) -> Optional[ChainDataset]:
+                crop_size: Optional[int] = None, progress: bool = True) -> Optional[ChainDataset]:
     """The cached chains of one split (parsed once, reused while the source is unchanged).
 
     Training chains are cropped to train.crop_size and validation chains to val.crop_size (0 =
@@ -140,7 +140,7 @@ def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
     source = source_for(cfg, split)
     if source is None:
         return None
-    cache = build_cache(source, Path(cfg.data.cache_dir) / split, progress=is_main)
+    cache = build_cache(source, Path(cfg.data.cache_dir) / split, progress=is_main and progress)
     for path, reason in cache.bad if is_main else ():
         log.warning("skipped %s: %s", path, reason)
     if not len(cache):
@@ -150,11 +150,11 @@ def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
     return ChainDataset(cache, crop_size=crop_size, unknown_resolution=cfg.data.unknown_resolution)
 
 
-def build_datasets(cfg: mlc.ConfigDict, is_main: bool):
-    train = build_split(cfg, "train", is_main)
+def build_datasets(cfg: mlc.ConfigDict, is_main: bool, progress: bool = True):
+    train = build_split(cfg, "train", is_main, progress=progress)
     if train is None:
         raise UserError(f"no usable training chains from data.source={cfg.data.source} (see the skipped files above)")
-    return train, build_split(cfg, "val", is_main)
+    return train, build_split(cfg, "val", is_main, progress=progress)
 
 
 def batches(train: ChainDataset, sampler: WeightedBatchSampler, start_micro: int, num_workers: int):
@@ -269,7 +269,7 @@ def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSig
     accum = accumulation_steps(cfg, d.world)
     seed_everything(cfg.train.seed + d.rank)
     if d.main:  # one process parses and caches; the others then open the same cache
-        train_ds, val_ds = build_datasets(cfg, True)
+        train_ds, val_ds = build_datasets(cfg, True, progress)
     if d.world > 1:
         dist.barrier()
     if not d.main:

@@ -23,6 +23,7 @@ from ..atomic import atomic_write
 from .errors import ArtifactError
 
 CHECKSUM_SUFFIX = ".sha256"
+HEX = frozenset("0123456789abcdef")
 
 
 def sha256_file(path: Path) -> str:
@@ -62,9 +63,12 @@ def recorded_checksums(path: Path) -> list[str]:
         return []
     try:
         record = json.loads(side.read_text())
-        return [d for d in (record["sha256"], record.get("previous")) if d]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(side, f"damaged checksum record ({exc})") from exc
+        digests = [d for d in (record["sha256"], record.get("previous")) if d]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(side, f"damaged checksum record ({type(exc).__name__}: {exc})") from exc
+    if not digests or not all(isinstance(d, str) and len(d) == 64 and all(c in HEX for c in d) for d in digests):
+        raise ArtifactError(side, "damaged checksum record (digests must be 64 hexadecimal characters)")
+    return digests
 
 
 def verify_checksum(path: Path) -> Optional[str]:
