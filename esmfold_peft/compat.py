@@ -10,7 +10,7 @@ when the dependency no longer needs it.
 | openfold 0.0.1 + Biopython >= 1.82 | `openfold.data.mmcif_parsing` imports `Bio.Data.SCOPData`, removed in 1.82 | alias a module with `protein_letters_3to1` from `PDBData` |
 | fair-esm 2.0.0 on Python >= 3.11 | dataclass fields with mutable defaults in `esm/esmfold/v1/{trunk,esmfold}.py` raise `ValueError` at import | an import hook compiles those two modules with `field(default_factory=...)` |
 | torch >= 2.6 | `torch.load` defaults to `weights_only=True`; fair-esm checkpoints pickle an `argparse.Namespace` | allow-list `argparse.Namespace` only (the safety stays on) |
-| openfold 0.0.1 sdist | `resources/stereo_chemical_props.txt` is missing, so violation losses fail | `violation_loss_available()` says whether it may be used |
+| openfold 0.0.1 sdist | `resources/stereo_chemical_props.txt` is missing, so violation losses fail | the project's loss subset has no violation term (nothing to patch) |
 | openfold 0.0.1 + torch >= 2.9 | `utils/tensor_utils.py:92` indexes with a list of slices, which torch warns about on every call (results are still right) | that one warning is filtered, by module and message |
 | openfold 0.0.1 | `StructureModule` registers its residue-constant buffers lazily, at the first forward and in that call's dtype: DDP then syncs different buffer lists on different ranks (a gloo "collective mismatch" abort), and a first call under bf16 autocast would keep bf16 constants | `init_structure_module_buffers()` creates them eagerly in float32 |
 | openfold 0.0.1 | `data/templates.py`, `data/data_pipeline.py` use `np.object` (gone in numpy 2) | never imported by this project (documented, nothing to patch) |
@@ -112,16 +112,6 @@ def init_structure_module_buffers(structure_module) -> None:
     """Create openfold StructureModule's lazily-registered constant buffers now, in float32."""
     param = next(structure_module.parameters())
     structure_module._init_residue_constants(torch.float32, param.device)
-
-
-def violation_loss_available() -> bool:
-    """openfold's violation losses need `stereo_chemical_props.txt`, absent from the 0.0.1 sdist."""
-    try:
-        import importlib.resources as res
-
-        return res.files("openfold.resources").joinpath("stereo_chemical_props.txt").is_file()
-    except Exception:
-        return False
 
 
 def check_stack() -> None:

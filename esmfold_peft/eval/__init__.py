@@ -1,4 +1,4 @@
-"""Evaluation: LDDT-Cα (SPEC §4) and friends, residue pairing, reports and plots.
+"""Evaluation: LDDT-Cα (docs/method.md §4) and friends, residue pairing, reports and plots.
 
 * `lddt`: LDDT-Cα, numpy (`lddt_ca`) and batched torch (`lddt_ca_torch`, for training validation);
 * `metrics`: Kabsch superposition, Cα RMSD, GDT-TS and TM-score;

@@ -1,4 +1,4 @@
-"""LDDT-Cα (Mariani et al. 2013) in the AlphaFold 2 / OpenFold convention (SPEC §4).
+"""LDDT-Cα (Mariani et al. 2013) in the AlphaFold 2 / OpenFold convention (docs/method.md §4).
 
 Definition implemented here, for one chain of `L` residues with Cα coordinates:
 

@@ -1,4 +1,4 @@
-"""The explicit loss subset of SPEC §2, built from `openfold.utils.loss` functions.
+"""The explicit loss subset of docs/method.md §2, built from `openfold.utils.loss` functions.
 
 OpenFold's `AlphaFoldLoss` always runs MSA and violation terms and silently replaces a non-finite
 term by zero; here every term is named, weighted by the config, logged, and a non-finite total is

@@ -1,4 +1,4 @@
-"""The staged α-halving search of the paper's App. D.4 (SPEC §3), and sweeps over adapters × ranks.
+"""The staged α-halving search of the paper's App. D.4 (docs/method.md §3), and sweeps over adapters × ranks.
 
 For an adapter of rank r, stage 0 trains α = 256·r and 128·r and keeps the better by final validation
 LDDT-Cα. If both diverge, stage 1 trains the next lower pair, 64·r and 32·r, and so on until a stage

@@ -79,7 +79,7 @@ def search_markdown(state: dict) -> str:
         "",
         f"**Result: {search_result_text(state)}.**",
         "",
-        f"* Schedule (SPEC §3, paper App. D.4): {state['schedule']}.",
+        f"* Schedule (docs/method.md §3, paper App. D.4): {state['schedule']}.",
         f"* Choice: {state['choice_rule']}.",
         f"* Divergence (the trainer's rule): {state['divergence_rule']}.",
         f"* Training wall time, all candidates: {state['wall_time_s']:.1f} s.",

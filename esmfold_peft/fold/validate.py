@@ -1,4 +1,4 @@
-"""Validation LDDT-Cα of a folding model on a data split (SPEC §4), used by training and evaluation.
+"""Validation LDDT-Cα of a folding model on a data split (docs/method.md §4), used by training and evaluation.
 
 The headline number is OpenFold's: the pooled LDDT-Cα of each chain, averaged over chains
 (`lddt_ca`). Also reported: the score pooled over every scored pair of the split
