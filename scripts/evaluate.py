@@ -30,8 +30,7 @@ from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
 from esmfold_peft.eval.report import summarize  # noqa: E402
 from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run  # noqa: E402
 from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main  # noqa: E402
-from esmfold_peft.runtime.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, ConfigError,  # noqa: E402
-                                         UserError)
+from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,14 +120,9 @@ def evaluate_files(args: argparse.Namespace) -> int:
 
 def evaluate_trained_run(args: argparse.Namespace) -> int:
     """--run mode: validate the run on a split, write the report, return the exit status."""
-    try:
-        run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
-                           num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
-                           progress=not args.quiet, overrides=args.set)
-    except UserError:
-        raise
-    except ValueError as exc:  # the run's config names data that training's data code refuses
-        raise ConfigError(f"{args.run}: {exc}") from exc
+    run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
+                       num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
+                       progress=not args.quiet, overrides=args.set)
     v = run.validation
     print(f"{args.split} split of {args.run}: validation LDDT-Cα {_fmt(v['lddt_ca'])} "
           f"({v['aggregation']}, {v['n_chains']} chain(s)), the number training reports")

@@ -14,22 +14,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.data.demo import DemoDataError, demo_paths, ensure_demo_data  # noqa: E402
+from esmfold_peft.data.demo import demo_paths, ensure_demo_data  # noqa: E402
+from esmfold_peft.runtime.cli import run_main  # noqa: E402
 
 
 def main() -> int:
+    return run_main(_main)
+
+
+def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None,
                         help=f"where to put the data (default: {demo_paths().root})")
     parser.add_argument("--force", action="store_true", help="download again even if present")
     args = parser.parse_args()
     start = time.perf_counter()
-    try:
-        paths = ensure_demo_data(args.root, force=args.force)
-    except DemoDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    paths = ensure_demo_data(args.root, force=args.force)
     print(f"demo data ready in {paths.root} ({time.perf_counter() - start:.1f} s)")
+    print("next: make demo   (trains LoRTA r=8 on it)")
     return 0
 
 

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from esmfold_peft.runtime.errors import ArtifactError
+
 from esmfold_peft.data import demo
 from esmfold_peft.data.sources import (ChainFilter, demo_source, directory_source,
                                        openfold_sampling_weight, openfold_source, passes_filter)
@@ -81,7 +83,7 @@ def test_directory_source(tmp_path):
     assert [e.name for e in source.entries] == ["a", "b", "c"]
     assert all(e.chain_id is None and e.weight == 1.0 for e in source.entries)
     assert [e.name for e in directory_source(tmp_path, recursive=True).entries] == ["a", "b", "c", "d"]
-    with pytest.raises(FileNotFoundError, match="structure directory not found"):
+    with pytest.raises(ArtifactError, match="no such structure directory"):
         directory_source(tmp_path / "absent")
 
 

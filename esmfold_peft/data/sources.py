@@ -13,16 +13,19 @@ A `Source` carries its settings so that a cache built from it knows when it is s
 
 from __future__ import annotations
 
-import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from esmfold_peft.data import demo
 from esmfold_peft.data.structures import chain_name, file_stem, is_structure_file
+from esmfold_peft.runtime.artifacts import read_json
+from esmfold_peft.runtime.errors import ArtifactError, ConfigError
 
 # OpenFold's mmCIF directories hold <pdb id>.cif; gzipped copies are read as well
 _MMCIF_SUFFIXES = (".cif", ".cif.gz", ".mmcif", ".mmcif.gz")
+_SAFE_PDB_ID = re.compile(r"[A-Za-z0-9_-]+")  # a pdb id becomes part of a file path: nothing that climbs out
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,23 @@ def openfold_source(mmcif_dir: str | Path, chain_data_cache: str | Path,
     reports it as a bad file, so a partial mirror shows up instead of shrinking silently.
     """
     mmcif_dir = Path(mmcif_dir).resolve()
-    records = json.loads(Path(chain_data_cache).read_text())
+    if not mmcif_dir.is_dir():
+        raise ArtifactError(mmcif_dir, "no such mmCIF directory")
+    records = read_json(Path(chain_data_cache), dict, "chain data cache")
     entries = []
     for chain_id_full in sorted(records):
         record = records[chain_id_full]
-        if not passes_filter(record, flt):
-            continue
+        if not isinstance(record, dict) or not isinstance(record.get("seq"), str):
+            raise ArtifactError(chain_data_cache, f"entry {chain_id_full!r} is not an object with a 'seq' string")
+        try:
+            if not passes_filter(record, flt):
+                continue
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(chain_data_cache, f"entry {chain_id_full!r}: unusable field ({exc})") from exc
         pdb_id, _, chain_id = chain_id_full.rpartition("_")
-        if not pdb_id or not chain_id:
-            raise ValueError(f"{chain_data_cache}: chain id {chain_id_full!r} is not <pdb id>_<chain>")
+        if not pdb_id or not chain_id or not _SAFE_PDB_ID.fullmatch(pdb_id):
+            raise ArtifactError(chain_data_cache, f"chain id {chain_id_full!r} is not <pdb id>_<chain> "
+                                                  "(pdb ids are letters, digits, '-' and '_')")
         entries.append(Entry(
             name=chain_id_full,
             path=str(_find_mmcif(mmcif_dir, pdb_id)),
@@ -128,7 +139,7 @@ def directory_source(directory: str | Path, recursive: bool = False) -> Source:
     """Every PDB / mmCIF file (optionally .gz) in a directory, weight 1, all protein chains each."""
     directory = Path(directory).resolve()
     if not directory.is_dir():
-        raise FileNotFoundError(f"structure directory not found: {directory}")
+        raise ArtifactError(directory, "no such structure directory")
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in directory.glob(pattern) if p.is_file() and is_structure_file(p))
     entries = [Entry(name=file_stem(p), path=str(p), chain_id=None) for p in files]
@@ -141,7 +152,7 @@ def demo_source(split: str, root: str | Path | None = None) -> Source:
     paths = demo.demo_paths(root)
     names = demo.read_split(paths).get(split)
     if names is None:
-        raise ValueError(f"unknown demo split {split!r} (expected 'train' or 'val')")
+        raise ConfigError(f"unknown demo split {split!r} (expected 'train' or 'val')")
     entries = []
     for file_name in names:
         path = (paths.structures_dir / file_name).resolve()
