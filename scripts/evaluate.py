@@ -107,6 +107,7 @@ def print_summary(run: EvaluationRun) -> None:
         print(f"{len(run.failures)} failure(s):", file=sys.stderr)
         for failure in run.failures:
             print(f"  {failure}", file=sys.stderr)
+    print(f"next: read {run.files.json.parent / 'report.md'} (per-chain scores, flags and plots)")
 
 
 def evaluate_files(args: argparse.Namespace) -> int:
