@@ -7,6 +7,9 @@ meta device: no memory is used); the closed-form count is printed beside it as a
     python scripts/count_params.py --arch esm2_t12_35M --adapter lorta --rank 8
     {"params": 4320, "formula": 4320, ...}
     python scripts/count_params.py --layers 24 --d-model 1024 --heads 16 --adapter lorta --rank 8
+    python scripts/count_params.py --arch esm2_t12_35M --adapter lorta --rank 8 --modes heads,matrices
+    python scripts/count_params.py --arch esmfold_3B_v1_seq --adapter lorta --rank 8   # ESMFold trunk,
+    python scripts/count_params.py --arch esmfold_3B_v1_tri --adapter lorta --rank 8   # one tensor per family
 """
 
 import argparse

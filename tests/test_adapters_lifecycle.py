@@ -262,7 +262,7 @@ def test_bfloat16_adapter_and_dropout():
 def test_deepcopy_keeps_hooks_on_the_copy():
     torch.manual_seed(0)
     model = tm.fair_esm2().eval()
-    ad = add_adapter(model, LoRTAConfig(rank=2))
+    add_adapter(model, LoRTAConfig(rank=2))
     clone = copy.deepcopy(model)
     perturb(get_adapter_set(clone).get())
     toks = tm.tokens()
@@ -345,3 +345,24 @@ def test_one_registry_of_methods_and_has_adapters():
     assert has_adapters(model) and not has_adapters(model.layers[0])  # the model itself, not submodules
     unload(model)
     assert not has_adapters(model)
+
+
+def test_hf_mpnet_layout():
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    model = MPNetModel(MPNetConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=70, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0), add_pooling_layer=False).eval()
+    layout = detect_layout(model)
+    assert (layout.family, layout.n_layers, layout.d_model, layout.n_heads, layout.head_dim) == ("hf-mpnet", 2, 32, 4, 8)
+    assert layout.projection_path(1, "o") == "encoder.layer.1.attention.attn.o"
+    toks = tm.tokens()
+    base = tm.run(model, toks).detach()
+    ad = add_adapter(model, LoRTAConfig(rank=2))
+    assert torch.equal(tm.run(model, toks), base)
+    perturb(ad)
+    adapted = tm.run(model, toks).detach()
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    get_adapter_set(model).merge()
+    torch.testing.assert_close(tm.run(model, toks), adapted, rtol=1e-4, atol=1e-4)

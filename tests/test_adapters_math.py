@@ -124,7 +124,7 @@ def test_head_axis_of_o_is_the_input():
     ad = add_adapter(model, LoRTAConfig(rank=2, alpha=2))
     randomize(ad)
     dw_o = ad.delta_weight(0, "o")
-    d, dh, H = 32, 8, 4
+    dh, H = 8, 4
     # column block h of ΔW_o must be A diag(w[h]) B^T: every row i scales with A[i]
     w = ad.head_weights(0, "o")
     for h in range(H):
