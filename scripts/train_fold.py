@@ -41,6 +41,9 @@ def parse_args(argv=None):
                                                          "(default: alpha = r, scale 1; stored resolved)")
     p.add_argument("--modes", help="LoRTA tensor modes, comma-separated among heads, matrices, layers "
                                    "(default heads,matrices,layers = one tensor; 'all' is the same); LoRTA only")
+    p.add_argument("--adapter-scope", choices=("lm", "trunk", "both"),
+                   help="where the adapter goes: lm (ESM-2's attention, default), trunk (the folding trunk's sequence "
+                        "and triangle attention, one CP tensor per family) or both (adapter.scope)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (train.steps); with --resume, extends the run")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--crop-size", type=positive_int, help="train.crop_size")
@@ -58,7 +61,7 @@ def parse_args(argv=None):
 def flag_overrides(args) -> list[str]:
     """The `key=value` overrides the explicit flags stand for (flags not given change nothing)."""
     flags = {"adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
-             "adapter.modes": args.modes, "train.steps": args.steps, "train.seed": args.seed,
+             "adapter.modes": args.modes, "adapter.scope": args.adapter_scope, "train.steps": args.steps, "train.seed": args.seed,
              "train.crop_size": args.crop_size, "train.device": args.device}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
 
@@ -66,8 +69,9 @@ def flag_overrides(args) -> list[str]:
 def check_flags(args, method: str) -> None:
     if args.modes is not None and method != "lorta":
         raise UserError(f"--modes applies to LoRTA only (this run's adapter is {method})")
-    if (args.rank is not None or args.alpha is not None) and method not in ("lorta", "lora"):
-        raise UserError(f"--rank and --alpha apply to lorta and lora (this run's adapter is {method})")
+    if (args.rank is not None or args.alpha is not None or args.adapter_scope is not None) \
+            and method not in ("lorta", "lora"):
+        raise UserError(f"--rank, --alpha and --adapter-scope apply to lorta and lora (this run's adapter is {method})")
 
 
 def resolve(args):

@@ -6,10 +6,10 @@ import logging
 
 import ml_collections as mlc
 
-from ..adapters import LoRAConfig, LoRTAConfig, add_adapter
+from ..adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
 from ..adapters.config import parse_modes
 from ..runtime.errors import ConfigError
-from .config import ADAPTERS, adapter_alpha
+from .config import ADAPTERS, adapter_alpha, parse_parts
 from .lm import load_language_model
 from .model import AdaptedESMFold
 
@@ -30,10 +30,28 @@ def adapter_config(cfg: mlc.ConfigDict):
     return LoRTAConfig(**common, modes=parse_modes(a.modes))
 
 
-def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
-    """The folding model with the language model set up for `cfg.adapter.method`.
+TRUNK_FAMILIES = ("esmfold-seq", "esmfold-tri")  # sequence attention (fused q/k/v) and triangle attention
 
-    lorta/lora: LM base weights frozen, adapter trainable; none: LM frozen; full: LM trainable.
+
+def part_of(name: str) -> str:
+    """Which trainable part a parameter of AdaptedESMFold (outside the LM) belongs to."""
+    if name.startswith("trunk.structure_module."):
+        return "structure_module"
+    if name.startswith("trunk."):
+        return "trunk"
+    if name.startswith(("distogram_head.", "ptm_head.", "lddt_head.", "lm_head.")):
+        return "heads"
+    return "embeddings"  # esm_s_combine, esm_s_mlp, embedding
+
+
+def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
+    """The folding model with the language model and trunk set up for `cfg.adapter` and `cfg.model.trainable`.
+
+    adapter.method lorta/lora: an adapter on the LM's attention (adapter.scope lm), on the trunk's
+    sequence and triangle attention (trunk, one CP tensor per family), or both; base weights under
+    an adapter are frozen. none: LM frozen; full: LM trainable. Outside the LM, the parts named in
+    `model.trainable` train (embeddings, trunk, structure_module, heads: all of them when the trunk is
+    retrained from scratch, none when a pretrained ESMFold is fine-tuned through adapters).
     Heads that no configured loss trains (the LM head always, pTM when its weight is 0, pLDDT when
     its weight is 0) are frozen, so every trainable parameter gets a gradient (DDP needs that).
     """
@@ -42,11 +60,21 @@ def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
     model = AdaptedESMFold(lm, alphabet, cfg.model.trunk, lddt_head_hid_dim=cfg.model.lddt_head_hid_dim,
                            checkpoint_blocks=cfg.model.checkpoint_blocks)
     model.lm_description = description
-    method = cfg.adapter.method
+    method, scope = cfg.adapter.method, cfg.adapter.get("scope", "lm")
+    trainable = parse_parts(cfg.model.trainable)
+    for name, p in model.named_parameters():
+        if not name.startswith("esm."):
+            p.requires_grad_(part_of(name) in trainable)
     acfg = adapter_config(cfg)
     lm.requires_grad_(method == "full")
-    if acfg is not None:
+    if acfg is not None and scope in ("lm", "both"):
         add_adapter(lm, acfg, name="default", freeze=True)
+    if acfg is not None and scope in ("trunk", "both"):
+        add_adapter(model.trunk, acfg, name="default", layout=TRUNK_FAMILIES, freeze=False)
+        for layout in get_adapter_set(model.trunk).layouts:  # the adapted Linears stay frozen
+            for layer in range(layout.n_layers):
+                for relative, _ in layout.groups():
+                    model.trunk.get_submodule(layout.linear_path(layer, relative)).requires_grad_(False)
     if method == "full":  # parts of ESM-2 that the folding model never reads
         for mod in (lm.lm_head, lm.contact_head):
             mod.requires_grad_(False)
@@ -64,7 +92,7 @@ def parameter_counts(model: AdaptedESMFold) -> dict:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("esm.peft."):
+        if name.startswith(("esm.peft.", "trunk.peft.")):
             counts["adapter"] += p.numel()
         elif name.startswith("esm."):
             counts["language_model"] += p.numel()

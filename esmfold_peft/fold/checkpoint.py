@@ -107,15 +107,20 @@ def load_trained_state(model, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+ADAPTER_DIRS = {"esm": "adapter", "trunk": "trunk_adapter"}  # where each adapted part's adapter is exported
+ADAPTER_PREFIXES = tuple(f"{part}.peft." for part in ADAPTER_DIRS)
+
+
 def export_model(run_dir: Path, model, stored_config: dict) -> None:
-    """The final model for prediction: fold weights (no adapter tensors) + the adapter directory."""
-    state = {k: v.contiguous() for k, v in trained_state(model).items() if not k.startswith("esm.peft.")}
+    """The final model for prediction: fold weights (no adapter tensors) + one adapter directory per adapted part."""
+    state = {k: v.contiguous() for k, v in trained_state(model).items() if not k.startswith(ADAPTER_PREFIXES)}
     out = Path(run_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, out / FOLD_WEIGHTS)
     write_json_atomic(out / "config.json", stored_config)
-    if has_adapters(model.esm):
-        save_adapter(get_adapter_set(model.esm), Path(run_dir) / "adapter")
+    for part, directory in ADAPTER_DIRS.items():
+        if has_adapters(getattr(model, part)):
+            save_adapter(get_adapter_set(getattr(model, part)), Path(run_dir) / directory)
 
 
 def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True,
@@ -162,5 +167,7 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     model = build_model(bare)
     load_trained_state(model, state, str(weights))
     if method in ("lorta", "lora"):
-        load_adapter(model.esm, run_dir / "adapter", name="default")
+        scope = cfg.adapter.scope
+        for part in (("esm",) if scope == "lm" else ("trunk",) if scope == "trunk" else ("esm", "trunk")):
+            load_adapter(getattr(model, part), run_dir / ADAPTER_DIRS[part], name="default")
     return model, cfg

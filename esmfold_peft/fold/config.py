@@ -19,6 +19,17 @@ from ..runtime.errors import ConfigError
 from .losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
+SCOPES = ("lm", "trunk", "both")  # where an adapter goes (adapter.scope)
+PARTS = ("embeddings", "trunk", "structure_module", "heads")  # what model.trainable may name
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """`model.trainable` ("embeddings,trunk,…", "" for none) as a tuple, unknown names refused."""
+    parts = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"model.trainable: unknown part(s) {', '.join(bad)}; choose among {', '.join(PARTS)}")
+    return parts
 
 
 def structure_module_config(c_s=384, c_z=128, no_blocks=8, no_heads_ipa=12, c_ipa=16, c_resnet=128,
@@ -47,6 +58,9 @@ def base_config() -> mlc.ConfigDict:
         "trunk": trunk_config(),
         "lddt_head_hid_dim": 128,
         "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
+        # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads
+        # (all when the trunk is retrained from scratch; none when a pretrained ESMFold is adapted)
+        "trainable": ",".join(PARTS),
     })
     cfg.adapter = mlc.ConfigDict({
         "method": "lorta",  # lorta | lora | none (frozen LM) | full (LM fully trained)
@@ -54,6 +68,7 @@ def base_config() -> mlc.ConfigDict:
         "alpha": 0.0,  # 0 means alpha = rank (scale 1); a run's config.json stores the resolved value
         "targets": "q,k,v,o",
         "modes": "heads,matrices,layers",
+        "scope": "lm",  # where the adapter goes: lm (ESM-2), trunk (folding trunk attention) or both
         "dropout": 0.0,
     })
     cfg.loss = default_loss_config()
@@ -176,6 +191,11 @@ def check_config(cfg: mlc.ConfigDict) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key} must be {what}, got {node!r}")
+    if a.scope not in SCOPES:
+        raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
+    if a.scope != "lm" and a.method not in ("lorta", "lora"):
+        raise ConfigError(f"adapter.scope={a.scope} needs adapter.method lorta or lora (it is {a.method})")
+    parse_parts(cfg.model.trainable)
     if a.method == "lorta":
         try:
             LoRTAConfig(rank=int(a.rank), alpha=float(a.alpha) or None, modes=parse_modes(a.modes))

@@ -1,0 +1,67 @@
+"""LoRTA on the folding trunk (adapter.scope trunk / both): training, export, loading, merging, counts."""
+
+import pytest
+import torch
+
+from esmfold_peft.adapters import get_adapter_set, has_adapters
+from esmfold_peft.fold.build import build_model, parameter_counts
+from esmfold_peft.fold.checkpoint import load_trained_model
+from esmfold_peft.fold.train import EXIT_OK, seed_everything, train_model
+from esmfold_peft.runtime.errors import ConfigError
+from fold_fixtures import tiny_run_config
+
+
+def frozen_trunk_config(tmp_path, scope, steps=2):
+    cfg = tiny_run_config(tmp_path, adapter="lorta", steps=steps, rank=2)
+    cfg.adapter.scope = scope
+    cfg.model.trainable = ""  # as when a pretrained ESMFold is fine-tuned: only adapters train
+    return cfg
+
+
+@pytest.mark.parametrize("scope", ["trunk", "both"])
+def test_only_the_adapters_train_and_their_count_is_the_formula(tmp_path, scope):
+    cfg = frozen_trunk_config(tmp_path, scope)
+    model = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("trunk.peft.", "esm.peft.")) for n in trainable)
+    assert has_adapters(model.trunk) and has_adapters(model.esm) == (scope == "both")
+    t = cfg.model.trunk
+    blocks, r = t.num_blocks, cfg.adapter.rank
+    seq = r * (t.sequence_state_dim + t.sequence_head_width + t.sequence_state_dim // t.sequence_head_width
+               + blocks + 4)
+    tri = r * (t.pairwise_state_dim + t.pairwise_head_width + t.pairwise_state_dim // t.pairwise_head_width
+               + 2 * blocks + 4)
+    trunk_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("trunk.peft."))
+    assert trunk_params == seq + tri
+    assert parameter_counts(model)["adapter"] == sum(p.numel() for n, p in model.named_parameters() if ".peft." in n)
+
+
+def test_trunk_adapter_trains_exports_and_loads_back(tmp_path):
+    cfg = frozen_trunk_config(tmp_path, "both", steps=3)
+    seed_everything(cfg.train.seed)  # as the trainer does right before it builds the model
+    before = build_model(cfg).state_dict()
+    status, model = train_model(cfg, tmp_path / "run", progress=False)
+    assert status == EXIT_OK
+    after = model.state_dict()
+    moved = [k for k in after if k.startswith("trunk.peft.") and not torch.equal(after[k], before[k])]
+    assert moved  # the trunk's factors learned
+    frozen = [k for k in after if k.startswith("trunk.blocks.") and ".peft." not in k]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)  # base trunk untouched
+    assert (tmp_path / "run" / "trunk_adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    loaded, _ = load_trained_model(tmp_path / "run")
+    aa = torch.randint(0, 20, (1, 14))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = model(aa, num_recycles=0)["positions"]
+        b = loaded(aa, num_recycles=0)["positions"]
+        torch.testing.assert_close(a, b)
+        get_adapter_set(loaded.trunk).merge()  # merged trunk adapter: the same function
+        torch.testing.assert_close(loaded(aa, num_recycles=0)["positions"], a, rtol=1e-4, atol=1e-4)
+
+
+def test_scope_needs_an_adapter_method(tmp_path):
+    cfg = tiny_run_config(tmp_path, adapter="none")
+    cfg.adapter.scope = "trunk"
+    with pytest.raises(ConfigError, match="adapter.scope=trunk needs adapter.method lorta or lora"):
+        train_model(cfg, tmp_path / "run", progress=False)
