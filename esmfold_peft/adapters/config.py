@@ -7,6 +7,7 @@ damaged `adapter_config.json`) fails at once with an `AdapterConfigError` that n
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -46,8 +47,8 @@ def parse_modes(text: Union[str, Tuple[str, ...], list]) -> Tuple[str, ...]:
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdapterConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterConfigError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -24,6 +24,8 @@ from .config import (PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config
                      resolve_alpha)
 
 SECTIONS = ("model", "adapter", "loss", "optim", "train", "data", "val")
+# keys newer than the first runs: a stored config without them takes the default
+ADDED_LATER = ("model.lm.sdpa", "model.lm.storage_dtype", "model.trainable", "model.init_from", "adapter.scope")
 
 
 def fill_defaults(cfg: mlc.ConfigDict) -> None:
@@ -63,7 +65,11 @@ def working_form(stored: dict, run_dir: Optional[Path]) -> mlc.ConfigDict:
     """
     resolved = map_paths(stored, PATH_KEYS, lambda v: resolve_path(v, run_dir, project_root()))
     cfg = base_config()
-    for key, value in flatten(resolved).items():
+    given = flatten(resolved)
+    missing = [k for k in flatten(cfg) if k not in given and not k.startswith(ADDED_LATER)]
+    if missing:
+        raise ConfigError(f"lacks the key(s) {', '.join(missing[:6])}" + (" …" if len(missing) > 6 else ""))
+    for key, value in given.items():
         node, leaf = lookup(cfg, key)
         if isinstance(value, dict):  # an empty section
             continue
@@ -91,6 +97,10 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
         check_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{run.config}: {exc}") from exc
+    for item in overrides:  # form and key first: a typo is named as one, not as a locked key
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        lookup(cfg, item.split("=", 1)[0].strip())
     if use_overrides is not None:
         locked = [o.split("=", 1)[0].strip() for o in overrides
                   if not any(o.split("=", 1)[0].strip().startswith(k) for k in use_overrides)]
