@@ -14,6 +14,7 @@ when the dependency no longer needs it.
 | openfold 0.0.1 + torch >= 2.9 | `utils/tensor_utils.py:92` indexes with a list of slices, which torch warns about on every call (results are still right) | that one warning is filtered, by module and message |
 | openfold 0.0.1 | `StructureModule` registers its residue-constant buffers lazily, at the first forward and in that call's dtype: DDP then syncs different buffer lists on different ranks (a gloo "collective mismatch" abort), and a first call under bf16 autocast would keep bf16 constants | `init_structure_module_buffers()` creates them eagerly in float32 |
 | openfold 0.0.1 | `data/templates.py`, `data/data_pipeline.py` use `np.object` (gone in numpy 2) | never imported by this project (documented, nothing to patch) |
+| openfold >= 2.0 | the IPA point projections became `PointProjection` modules, so their weights are named `ipa.linear_{q,kv}_points.linear.*` instead of `ipa.linear_{q,kv}_points.*` (same tensors, same layout); fair-esm's ESMFold checkpoints use the old names | `match_ipa_point_names()` renames whichever a state dict has to what the installed openfold's modules expect |
 """
 
 from __future__ import annotations
@@ -112,6 +113,31 @@ def init_structure_module_buffers(structure_module) -> None:
     """Create openfold StructureModule's lazily-registered constant buffers now, in float32."""
     param = next(structure_module.parameters())
     structure_module._init_residue_constants(torch.float32, param.device)
+
+
+# --- openfold >= 2.0: IPA point projections renamed ----------------------------------------------
+
+_IPA_POINTS = re.compile(r"^(.*\.ipa\.linear_(?:q|kv)_points)\.(?:linear\.)?(weight|bias)$")
+
+
+def match_ipa_point_names(state: dict, expected) -> dict:
+    """`state` with its IPA point-projection keys named as in `expected` (the model's own keys).
+
+    openfold 0.0.1 (and fair-esm's checkpoints) say `…ipa.linear_q_points.weight`, openfold >= 2.0
+    `…ipa.linear_q_points.linear.weight`; whichever `state` has is mapped onto whichever the model
+    expects. Other keys, and keys the model already knows, are left as they are.
+    """
+    expected = set(expected)
+    out = {}
+    for key, value in state.items():
+        m = _IPA_POINTS.match(key)
+        if m and key not in expected:
+            for candidate in (f"{m.group(1)}.{m.group(2)}", f"{m.group(1)}.linear.{m.group(2)}"):
+                if candidate in expected and candidate not in state:
+                    key = candidate
+                    break
+        out[key] = value
+    return out
 
 
 def check_stack() -> None:

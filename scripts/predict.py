@@ -1,20 +1,26 @@
 #!/usr/bin/env python
-"""Predict protein structures from a FASTA file with a trained run (its adapted ESM-2, trunk and heads).
+"""Predict protein structures from a FASTA file with a trained run or a fair-esm ESMFold checkpoint.
 
-Writes one PDB per record (chain A, residues numbered from 1, pLDDT 0-100 in the B-factor column)
-and a JSON summary per record (id, length, mean pLDDT, pTM, seconds), plus predictions.json for
-the whole file.
+Writes one PDB per record (chains A, B, ..., each numbered from 1, per-atom pLDDT 0-100 in the
+B-factor column), its predicted aligned error (<id>.pae.npz) and a JSON summary per record (id,
+length, mean pLDDT, pTM, seconds), plus predictions.json for the whole file. Multimers are records
+with chains joined by ':' (A:B); they are folded as esm-fold folds them (a 25-residue poly-G linker,
+residue index +512 per chain), but the linker is written nowhere and pTM leaves it out.
 
 Examples:
   python scripts/predict.py --fasta seqs.fasta --run runs/demo-lorta-r8 --out predictions/
   python scripts/predict.py --fasta seqs.fasta --run runs/demo-lorta-r8 \\
       --checkpoint runs/demo-lorta-r8/checkpoints/last.pt --num-recycles 3 --device cuda --out pred/
+  python scripts/predict.py --fasta seqs.fasta --esmfold esmfold_3B_v1.pt --lm esm2_t36_3B_UR50D.pt \\
+      --chunk-size 64 --max-tokens-per-batch 512 --out pred/
+  torchrun --nproc_per_node 4 -- scripts/predict.py --fasta many.fasta --run RUN --out pred/
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -24,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,  # noqa: E402
                                       positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_OK, EXIT_SOME_FAILED  # noqa: E402
-from esmfold_peft.fold.predict import DEFAULT_MERGE_TOLERANCE, MergeMismatchError, predict_fasta  # noqa: E402
+from esmfold_peft.fold.predict import (DEFAULT_MAX_TOKENS, DEFAULT_MERGE_TOLERANCE, MergeMismatchError,  # noqa: E402
+                                       predict_fasta)
+from esmfold_peft.runtime.session import world_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,33 +41,51 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join([__doc__.split("\n\n", 2)[2].rstrip(), textwrap.fill(
             "FASTA records: ids are the first word of each header and name the output files (made "
             "filesystem-safe). Accepted residues: the 20 standard amino acids and X, any case; U->C, "
-            "O->K and B/Z/J->X are rewritten (recorded in the JSON). Records that are empty, hold other "
+            "O->K and B/Z/J->X are rewritten (recorded in the JSON); a multimer's chains are joined by ':' "
+            "in one record (A:B). Records that are empty, have an empty chain, hold other "
             "characters, exceed --max-length or repeat an earlier id are reported and skipped; the "
             "others are still predicted. A batch that runs out of memory is split and retried; predictions.json "
-            "is always written for what was done."), textwrap.fill(exit_code_table())]),
+            "is always written for what was done."), textwrap.fill(
+            "Several processes (torchrun): the records are shared out by length, each process writes its "
+            "records' files, and rank 0 merges one predictions.json. Put '--' before the script: torchrun's "
+            "own parser would otherwise take --run for its --run-path."), textwrap.fill(exit_code_table())]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--fasta", type=Path, required=True, metavar="FILE", help="input FASTA file (optionally .gz)")
-    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
-                        help="training run directory (config.json, model/, adapter/, checkpoints/)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", type=Path, metavar="RUN_DIR",
+                       help="training run directory (config.json, model/, adapter/, checkpoints/)")
+    model.add_argument("--esmfold", type=Path, metavar="CKPT",
+                       help="a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) instead of a training run")
+    parser.add_argument("--lm", metavar="LM",
+                        help="with --esmfold: the ESM-2 it runs on (the checkpoint does not hold its weights): a "
+                             "fair-esm .pt file, a Hugging Face ESM directory or a fair-esm name (default: the one "
+                             "the checkpoint's esm_type names, e.g. esm2_t36_3B_UR50D from the torch hub cache)")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
-                        help="use this training checkpoint (EMA weights when it has them) instead of the run's "
-                             "exported model; the run's config.json describes the model")
+                        help="with --run: use this training checkpoint (EMA weights when it has them) instead of "
+                             "the run's exported model; the run's config.json describes the model")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory (created if needed; files of the same names are replaced)")
     parser.add_argument("--num-recycles", type=non_negative_int, metavar="N",
-                        help="trunk recycles (default: the run's val.num_recycles)")
-    parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                        help="trunk recycles (default: the run's val.num_recycles; with --esmfold, as esm-fold: "
+                             "the trunk's max_recycles passes, 3 recycles)")
+    parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda if available; "
+                                                           "under torchrun each process's own GPU)")
     parser.add_argument("--max-length", type=positive_int, default=1000, metavar="N",
-                        help="longest sequence predicted; longer records are reported and skipped "
+                        help="most residues per record (all chains); longer records are reported and skipped "
                              "(default: %(default)s)")
-    parser.add_argument("--batch-residues", type=positive_int, default=1024, metavar="N",
-                        help="residue budget per batch: sequences are sorted by length and packed while "
-                             "(sequences x longest length) <= N (default: %(default)s)")
+    parser.add_argument("--max-tokens-per-batch", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                        help="token budget per batch: records are sorted by length and packed while "
+                             "(records x longest length, linkers included) <= N (default: %(default)s)")
+    parser.add_argument("--batch-residues", type=positive_int, dest="max_tokens_per_batch", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # the old name of --max-tokens-per-batch
+    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
+                        help="chunk the trunk's triangular attention into N rows at a time (e.g. 128, 64, 32): less "
+                             "memory for long sequences, the same structure (default: the model's setting, unchunked)")
     parser.add_argument("--no-merge", action="store_true",
                         help="keep the adapter unmerged (by default it is merged into ESM-2's weights after "
                              "checking on the first batch that outputs do not change)")
-    add_set_argument(parser, "model.lm.path=/data/esm2_t12_35M_UR50D.pt")
+    add_set_argument(parser, "model.lm.path=/data/esm2_t12_35M_UR50D.pt (with --run)")
     parser.add_argument("--merge-tolerance", type=positive_float, default=DEFAULT_MERGE_TOLERANCE, metavar="X",
                         help="largest deviation accepted between merged and unmerged outputs, in Å for atom "
                              "positions and in points for pLDDT (default: %(default)g)")
@@ -72,29 +98,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.esmfold is not None and (args.checkpoint is not None or args.set):
+        parser.error("--checkpoint and --set change a training run; they go with --run, not --esmfold")
+    if args.run is not None and args.lm is not None:
+        parser.error("--lm goes with --esmfold (a run names its language model; move it with --set model.lm.path=...)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        run = predict_fasta(args.fasta, args.run, args.out, checkpoint=args.checkpoint,
-                            num_recycles=args.num_recycles, device=args.device, max_length=args.max_length,
-                            batch_residues=args.batch_residues, merge=not args.no_merge,
+        run = predict_fasta(args.fasta, args.run, args.out, checkpoint=args.checkpoint, esmfold=args.esmfold,
+                            lm=args.lm, num_recycles=args.num_recycles, device=args.device,
+                            max_length=args.max_length, max_tokens_per_batch=args.max_tokens_per_batch,
+                            chunk_size=args.chunk_size, merge=not args.no_merge,
                             merge_tolerance=args.merge_tolerance, progress=not args.quiet, overrides=args.set)
     except MergeMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_OK  # under torchrun rank 0 reports every process's records and gives the exit status
+    _report(run, processes=world_size())
+    return EXIT_SOME_FAILED if run.failures else EXIT_OK
+
+
+def _report(run, processes: int) -> None:
     check = run.merge_check
     if check is not None:
         print(f"adapter merged; merged vs unmerged on the first batch ({check.n_sequences} sequence(s)): "
               f"max deviation {check.max_position_deviation:.2g} Å (positions), "
               f"{check.max_plddt_deviation:.2g} (pLDDT), tolerance {check.tolerance:g}")
-    print(f"wrote {len(run.predicted)} structure(s) (.pdb + .json each) and {run.summary_path.name} to {run.out_dir}")
+    by = f" by {processes} processes" if processes > 1 else ""
+    print(f"wrote {len(run.predicted)} structure(s) (.pdb + .pae.npz + .json each){by} and "
+          f"{run.summary_path.name} to {run.out_dir}")
     if run.failures:
         print(f"{len(run.failures)} record(s) failed:", file=sys.stderr)
         for failure in run.failures:
             print(f"  {failure}", file=sys.stderr)
     print(f"next: python scripts/evaluate.py --pred {run.out_dir} --ref REFERENCE_DIR --out {run.out_dir}/eval")
-    return EXIT_SOME_FAILED if run.failures else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -111,3 +111,20 @@ def write_tiny_config_file(tmp_path: Path, steps: int) -> Path:
         "from fold_fixtures import tiny_run_config\n"
         f"def get_config():\n    return tiny_run_config(Path({str(tmp_path)!r}), steps={steps})\n")
     return path
+
+
+def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
+    """A fair-esm-format ESMFold checkpoint (cfg dict + state dict without `esm.*`) of the model `cfg` builds."""
+    import torch
+
+    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.train import seed_everything
+
+    bare = cfg.copy_and_resolve_references()
+    bare.adapter.method, bare.model.trainable, bare.model.init_from = "none", "trunk", ""
+    seed_everything(seed)
+    model = build_model(bare)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("esm.")}
+    torch.save({"cfg": {"model": {"esm_type": "esm2_8M", "lddt_head_hid_dim": cfg.model.lddt_head_hid_dim,
+                                  "trunk": cfg.model.trunk.to_dict()}}, "model": state}, path)
+    return Path(path)

@@ -65,7 +65,7 @@ def test_script_writes_pdbs_with_plddt_and_reports_bad_records(run_dir, tmp_path
                      ">gamma\nacdefghiklmnpqrstvwy\n>alpha\nMKT\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--fasta", str(fasta), "--run", str(run_dir),
-                           "--out", str(out), "--batch-residues", "40"], capture_output=True, text=True, cwd=ROOT)
+                           "--out", str(out), "--max-tokens-per-batch", "40"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "wrote 3 structure(s)" in proc.stdout and str(out) in proc.stdout
     assert "adapter merged" in proc.stdout
@@ -89,17 +89,20 @@ def test_script_writes_pdbs_with_plddt_and_reports_bad_records(run_dir, tmp_path
         assert len(structure) == 1 and [c.id for c in structure[0]] == ["A"]
         residues = list(structure[0]["A"])
         assert [r.id[1] for r in residues] == list(range(1, len(seq) + 1))
-        plddt = []
+        ca_plddt = []
         for residue, aa in zip(residues, seq):
             name = residue_constants.restype_1to3.get(aa, "UNK")
             assert residue.get_resname() == name
             expected = residue_constants.residue_atoms[name] if aa != "X" else ["CA"]
             assert sorted(a.get_id() for a in residue) == sorted(expected)
-            b = {a.get_bfactor() for a in residue}
-            assert len(b) == 1 and 0 <= min(b) <= 100  # one pLDDT per residue
-            plddt.append(b.pop())
-        assert np.mean(plddt) == pytest.approx(record["mean_plddt"], abs=0.01)
-    assert (out / "beta_2.pdb").is_file()
+            assert all(0 <= a.get_bfactor() <= 100 for a in residue)  # per-atom pLDDT
+            ca_plddt.append(residue["CA"].get_bfactor())
+        assert np.mean(ca_plddt) == pytest.approx(record["mean_plddt"], abs=0.01)  # mean of the Cα pLDDT
+        pae = np.load(out / record["pae"])["pae"]
+        assert pae.shape == (len(seq), len(seq)) and (pae >= 0).all()
+        assert (pae <= record["max_predicted_aligned_error"] + 0.05).all()
+    assert (out / "beta_2.pdb").is_file() and (out / "beta_2.pae.npz").is_file()
+    assert summary["max_tokens_per_batch"] == 40 and summary["processes"] == 1
 
 
 def test_batching_does_not_change_the_results(model):
@@ -196,5 +199,5 @@ def test_unusable_inputs_are_usage_errors(run_dir, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--fasta", str(fasta), "--run", str(run_dir), "--out", str(tmp_path / "o"),
-                     "--batch-residues", "0"])
+                     "--max-tokens-per-batch", "0"])
     assert exit_info.value.code == 2

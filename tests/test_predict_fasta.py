@@ -70,3 +70,25 @@ def test_unusable_files_name_the_file(tmp_path, content, message):
     with pytest.raises(FastaError, match=message) as info:
         read_fasta(path)
     assert str(path) in str(info.value)
+
+
+def test_multimers_are_chains_joined_by_colons(tmp_path):
+    path = write(tmp_path, ">ab\nMKTA:\ngshm*\n>abc stops\nMK*:GS*:X\n>empty_chain\nMKT::GS\n>lead\n:MKT\n"
+                           ">trail\nMKT:\n>bad_chain\nMKT:G-S\n>long\nMKTAY:IAKQ\n>many\n" + ":".join("A" * 27) + "\n")
+    contents = read_fasta(path, max_length=8)
+    assert [(r.id, r.sequence, r.chains, len(r)) for r in contents.records] == [
+        ("ab", "MKTA:GSHM", ("MKTA", "GSHM"), 8), ("abc", "MK:GS:X", ("MK", "GS", "X"), 5)]
+    reasons = {b.id: b.reason for b in contents.bad}
+    assert reasons["empty_chain"] == "empty chain 2 (chains are separated by ':')"
+    assert reasons["lead"] == "empty chain 1 (chains are separated by ':')"
+    assert reasons["trail"] == "empty chain 2 (chains are separated by ':')"
+    assert "'-' at 2 of chain 2" in reasons["bad_chain"]
+    assert reasons["long"] == "9 residues in 2 chains, more than the maximum of 8"  # separators not counted
+    assert "27 chains, more than the 26" in reasons["many"]
+
+
+def test_a_monomer_has_one_chain():
+    seq, _ = check_sequence("MKT*")
+    assert seq == "MKT"
+    with pytest.raises(ValueError, match="^empty sequence$"):
+        check_sequence("*")

@@ -6,15 +6,18 @@ import torch
 from esmfold_peft.adapters import get_adapter_set, has_adapters
 from esmfold_peft.fold.build import build_model, parameter_counts
 from esmfold_peft.fold.checkpoint import load_trained_model
+from esmfold_peft.fold.pretrained import init_from_checkpoint
 from esmfold_peft.fold.train import EXIT_OK, seed_everything, train_model
 from esmfold_peft.runtime.errors import ConfigError
-from fold_fixtures import tiny_run_config
+from fold_fixtures import tiny_run_config, write_esmfold_checkpoint
 
 
 def frozen_trunk_config(tmp_path, scope, steps=2):
+    """Fine-tuning a pretrained ESMFold (here a tiny one in fair-esm's format): only adapters train."""
     cfg = tiny_run_config(tmp_path, adapter="lorta", steps=steps, rank=2)
     cfg.adapter.scope = scope
-    cfg.model.trainable = ""  # as when a pretrained ESMFold is fine-tuned: only adapters train
+    cfg.model.trainable = ""
+    cfg.model.init_from = str(write_esmfold_checkpoint(cfg, tmp_path / "esmfold_tiny.pt"))
     return cfg
 
 
@@ -39,7 +42,9 @@ def test_only_the_adapters_train_and_their_count_is_the_formula(tmp_path, scope)
 def test_trunk_adapter_trains_exports_and_loads_back(tmp_path):
     cfg = frozen_trunk_config(tmp_path, "both", steps=3)
     seed_everything(cfg.train.seed)  # as the trainer does right before it builds the model
-    before = build_model(cfg).state_dict()
+    initial = build_model(cfg)
+    init_from_checkpoint(initial, cfg)
+    before = initial.state_dict()
     status, model = train_model(cfg, tmp_path / "run", progress=False)
     assert status == EXIT_OK
     after = model.state_dict()
@@ -60,8 +65,27 @@ def test_trunk_adapter_trains_exports_and_loads_back(tmp_path):
         torch.testing.assert_close(loaded(aa, num_recycles=0)["positions"], a, rtol=1e-4, atol=1e-4)
 
 
+def test_a_frozen_trunk_needs_a_pretrained_esmfold(tmp_path):
+    cfg = tiny_run_config(tmp_path, adapter="lorta")
+    cfg.adapter.scope, cfg.model.trainable = "trunk", "heads"
+    with pytest.raises(ConfigError, match="model.init_from names no pretrained ESMFold"):
+        train_model(cfg, tmp_path / "run", progress=False)
+
+
 def test_scope_needs_an_adapter_method(tmp_path):
     cfg = tiny_run_config(tmp_path, adapter="none")
     cfg.adapter.scope = "trunk"
     with pytest.raises(ConfigError, match="adapter.scope=trunk needs adapter.method lorta or lora"):
         train_model(cfg, tmp_path / "run", progress=False)
+
+
+def test_predict_merges_the_trunk_adapter_after_checking_it(tmp_path):
+    from esmfold_peft.fold.predict import merge_adapter_checked
+
+    cfg = frozen_trunk_config(tmp_path, "both")
+    model = build_model(cfg).eval()
+    for part in (model.esm, model.trunk):  # nonzero updates: the zero-initialised factors get values
+        for name, p in get_adapter_set(part).named_parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    check, merged = merge_adapter_checked(model, ["MKTAYIAKQR", "GSHMLEDP"], torch.device("cpu"), num_recycles=0)
+    assert check.ok and get_adapter_set(model.trunk).merged and get_adapter_set(model.esm).merged

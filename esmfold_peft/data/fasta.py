@@ -8,12 +8,17 @@ with the reason, so one bad sequence never stops the others. Rules:
   dropped, blank lines are ignored, lowercase letters are accepted (upper-cased), and one '*' at
   the very end (a stop codon) is dropped;
 * accepted residues: the 20 standard amino acids and X (unknown);
+* multimers: chains joined by ':' in one record (`A:B`, as fair-esm's esm-fold reads them), at most
+  MAX_CHAINS of them (PDB chain ids A-Z); each chain is checked as a sequence of its own (one
+  trailing '*' per chain is dropped), an empty chain rejects the record, and `max_length` counts
+  the residues of all chains together (separators not counted);
 * rewritten, with the count recorded on the record (`substitutions`): U (selenocysteine) -> C and
   O (pyrrolysine) -> K, their standard parents (as structure parsing maps modified residues to
   their parent); B (D or N), Z (E or Q) and J (I or L) -> X, since the model has no ambiguity codes;
 * rejected (`FastaContents.bad`, the other records are still returned): an empty id, an empty
-  sequence, any other character (alignment gaps '-' and '.', digits, an inner '*', ...), more than
-  `max_length` residues, and an id already used by an earlier record (the first one is kept);
+  sequence or chain, any other character (alignment gaps '-' and '.', digits, an inner '*', ...),
+  more than `max_length` residues or MAX_CHAINS chains, and an id already used by an earlier
+  record (the first one is kept);
 * the whole file is refused with `FastaError` (the message names the file) when it is missing,
   unreadable or not text, holds no record, or has text before its first '>' (not FASTA).
 
@@ -30,6 +35,8 @@ from esmfold_peft.runtime.errors import UserError
 
 STANDARD_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY")
 UNKNOWN_RESIDUE = "X"
+CHAIN_SEPARATOR = ":"
+MAX_CHAINS = 26  # PDB chain ids A-Z
 SUBSTITUTIONS = {"U": "C", "O": "K", "B": "X", "Z": "X", "J": "X"}
 _SHOWN_PROBLEMS = 5  # invalid positions listed in a rejection message
 
@@ -50,7 +57,8 @@ class SequenceRecord:
     Attributes:
         id: first word of the header.
         description: the rest of the header ("" if none).
-        sequence: the checked sequence, after the rewrites of the module docstring.
+        sequence: the checked sequence, after the rewrites of the module docstring; chains of a
+            multimer are joined by ':'.
         line: 1-based line number of the header in the file.
         substitutions: rewrite -> count, e.g. {"U->C": 1}; empty when the sequence was used as is.
     """
@@ -61,8 +69,14 @@ class SequenceRecord:
     line: int
     substitutions: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def chains(self) -> tuple[str, ...]:
+        """The chains of a multimer (`sequence` split at ':'); one chain for a monomer."""
+        return tuple(self.sequence.split(CHAIN_SEPARATOR))
+
     def __len__(self) -> int:
-        return len(self.sequence)
+        """Residues of all chains (chain separators not counted)."""
+        return len(self.sequence) - self.sequence.count(CHAIN_SEPARATOR)
 
 
 @dataclass(frozen=True)
@@ -122,24 +136,45 @@ def _split_records(path: Path, text: str) -> list[tuple[int, str, list[str]]]:
     return records
 
 
-def check_sequence(raw: str, max_length: int | None = None) -> tuple[str, dict[str, int]]:
-    """(sequence, substitutions) for one record's raw sequence text; ValueError says what is wrong."""
-    seq = "".join(raw.split())
-    # upper-casing only ASCII: str.upper() maps some other letters onto amino-acid codes ('ſ' -> 'S', 'ß' -> 'SS')
-    seq = "".join(c.upper() if c.isascii() else c for c in seq)
+def _check_chain(seq: str, where: str) -> str:
+    """One chain's residues, upper case, its trailing stop dropped; ValueError says what is wrong."""
     if seq.endswith("*"):
         seq = seq[:-1]
     if not seq:
-        raise ValueError("empty sequence")
+        raise ValueError(f"empty {where}" if where == "sequence" else
+                         f"empty {where} (chains are separated by '{CHAIN_SEPARATOR}')")
     invalid = [(i + 1, c) for i, c in enumerate(seq)
                if c not in STANDARD_RESIDUES and c != UNKNOWN_RESIDUE and c not in SUBSTITUTIONS]
     if invalid:
-        where = ", ".join(f"{c!r} at {i}" for i, c in invalid[:_SHOWN_PROBLEMS])
+        of = "" if where == "sequence" else f" of {where}"
+        shown = ", ".join(f"{c!r} at {i}{of}" for i, c in invalid[:_SHOWN_PROBLEMS])
         more = f" and {len(invalid) - _SHOWN_PROBLEMS} more" if len(invalid) > _SHOWN_PROBLEMS else ""
-        raise ValueError(f"invalid character(s) in the sequence: {where}{more} (allowed: the 20 standard "
-                         f"amino acids and X, any case; U, O, B, Z, J are rewritten)")
-    if max_length is not None and len(seq) > max_length:
-        raise ValueError(f"{len(seq)} residues, more than the maximum of {max_length}")
+        raise ValueError(f"invalid character(s) in the sequence: {shown}{more} (allowed: the 20 standard "
+                         f"amino acids and X, any case; U, O, B, Z, J are rewritten; '{CHAIN_SEPARATOR}' "
+                         f"separates the chains of a multimer)")
+    return seq
+
+
+def check_sequence(raw: str, max_length: int | None = None) -> tuple[str, dict[str, int]]:
+    """(sequence, substitutions) for one record's raw sequence text; ValueError says what is wrong.
+
+    A multimer's chains (separated by ':') are checked one by one and joined by ':' again.
+    """
+    seq = "".join(raw.split())
+    # upper-casing only ASCII: str.upper() maps some other letters onto amino-acid codes ('ſ' -> 'S', 'ß' -> 'SS')
+    seq = "".join(c.upper() if c.isascii() else c for c in seq)
+    parts = seq.split(CHAIN_SEPARATOR)
+    if len(parts) > MAX_CHAINS:
+        raise ValueError(f"{len(parts)} chains, more than the {MAX_CHAINS} a PDB file can name (A-Z)")
+    if len(parts) == 1:
+        chains = [_check_chain(parts[0], "sequence")]
+    else:
+        chains = [_check_chain(part, f"chain {n + 1}") for n, part in enumerate(parts)]
+    n_residues = sum(len(c) for c in chains)
+    if max_length is not None and n_residues > max_length:
+        in_chains = f" in {len(chains)} chains" if len(chains) > 1 else ""
+        raise ValueError(f"{n_residues} residues{in_chains}, more than the maximum of {max_length}")
+    seq = CHAIN_SEPARATOR.join(chains)
     counts = Counter(c for c in seq if c in SUBSTITUTIONS)
     substitutions = {f"{c}->{SUBSTITUTIONS[c]}": n for c, n in sorted(counts.items())}
     for c, replacement in SUBSTITUTIONS.items():

@@ -61,6 +61,8 @@ def base_config() -> mlc.ConfigDict:
         # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads
         # (all when the trunk is retrained from scratch; none when a pretrained ESMFold is adapted)
         "trainable": ",".join(PARTS),
+        # a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) whose trunk and heads start a new run; "" = none
+        "init_from": "",
     })
     cfg.adapter = mlc.ConfigDict({
         "method": "lorta",  # lorta | lora | none (frozen LM) | full (LM fully trained)
@@ -117,7 +119,7 @@ def project_root() -> Path:
 
 
 # keys that hold file or folder paths: stored portably in a run's config.json, overridable when a run moves
-PATH_KEYS = ("model.lm.path", "model.lm.name", "data.root", "data.cache_dir", "data.mmcif_dir",
+PATH_KEYS = ("model.lm.path", "model.lm.name", "model.init_from", "data.root", "data.cache_dir", "data.mmcif_dir",
              "data.chain_data_cache", "data.train_dir", "data.val_dir", "data.val_mmcif_dir",
              "data.val_chain_data_cache")
 # what may change when a run resumes: its length, its cadence, where things are and how it runs
@@ -149,7 +151,7 @@ _RANGES = (
     ("adapter.rank", lambda v: v >= 1, "at least 1"),
     ("adapter.alpha", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = alpha equals rank)"),
     ("adapter.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.trunk.num_blocks", lambda v: v >= 1, "at least 1"),
+    ("model.trunk.num_blocks", lambda v: v >= 0, ">= 0 (0: structure module only)"),
     ("model.trunk.chunk_size", lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an integer >= 1"),
     ("model.trunk.max_recycles", lambda v: v >= 0, ">= 0"),
     ("optim.lr", lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
@@ -195,7 +197,10 @@ def check_config(cfg: mlc.ConfigDict) -> None:
         raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
     if a.scope != "lm" and a.method not in ("lorta", "lora"):
         raise ConfigError(f"adapter.scope={a.scope} needs adapter.method lorta or lora (it is {a.method})")
-    parse_parts(cfg.model.trainable)
+    if "trunk" not in parse_parts(cfg.model.trainable) and not cfg.model.init_from:
+        raise ConfigError("model.trainable leaves the trunk frozen, but model.init_from names no pretrained ESMFold: "
+                          "the run would adapt a random trunk (set model.init_from=esmfold_3B_v1.pt, or train the "
+                          "trunk: model.trainable=embeddings,trunk,structure_module,heads)")
     if a.method == "lorta":
         try:
             LoRTAConfig(rank=int(a.rank), alpha=float(a.alpha) or None, modes=parse_modes(a.modes))

@@ -274,7 +274,12 @@ def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSig
         dist.barrier()
     if not d.main:
         train_ds, val_ds = build_datasets(cfg, False)
-    model = state.model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if ckpt is None and cfg.model.init_from:  # a new run starts from a pretrained ESMFold; resumes load their own
+        from .pretrained import init_from_checkpoint
+
+        init_from_checkpoint(model, cfg)
+    model = state.model = model.to(device)
     counts = state.counts = parameter_counts(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
