@@ -30,6 +30,7 @@ from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
 from esmfold_peft.eval.report import summarize  # noqa: E402
 from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run  # noqa: E402
 from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main  # noqa: E402
+from esmfold_peft.runtime.text import format_score  # noqa: E402
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    return format_score(x, 3)
 
 
 def print_summary(run: EvaluationRun) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Retrain the ESMFold folding trunk while ESM-2 is adapted with LoRTA / LoRA (or frozen / fully trained).
+"""Retrain the ESMFold folding trunk, or fine-tune a pretrained ESMFold, with LoRTA / LoRA on ESM-2 and/or the trunk.
 
 Examples:
   python scripts/train_fold.py --adapter lorta --rank 8                # the demo configuration (CPU, minutes)
@@ -9,6 +9,9 @@ Examples:
   python scripts/train_fold.py --config paper_d4 --set data.mmcif_dir=/data/pdb_mmcif \\
       --set data.chain_data_cache=/data/chain_data_cache.json           # the paper's experiment (GPU)
   torchrun --nproc_per_node 8 scripts/train_fold.py --config paper_d4 --out runs/d4 ...   # several GPUs / nodes
+  python scripts/train_fold.py --config esmfold_finetune --set model.init_from=esmfold_3B_v1.pt \
+      --set model.lm.path=esm2_t36_3B_UR50D.pt --set data.source=dir --set data.train_dir=my_family/ \
+      --set data.val_dir=my_family_val/ --adapter-scope both   # fine-tune Meta's ESMFold on your family (GPU)
 
 --resume reads the run's own config.json: flags given with it override only what they name, and only
 the run's length (--steps), its cadence, its device and the paths of its inputs may change.
@@ -25,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, positive_float, positive_int, run_main  # noqa: E402
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
 from esmfold_peft.runtime.session import world_size  # noqa: E402
+from esmfold_peft.fold.config import ADAPTERS, SCOPES  # noqa: E402
 
-ADAPTERS = ("lorta", "lora", "none", "full")
 
 
 def parse_args(argv=None):
@@ -41,7 +44,7 @@ def parse_args(argv=None):
                                                          "(default: alpha = r, scale 1; stored resolved)")
     p.add_argument("--modes", help="LoRTA tensor modes, comma-separated among heads, matrices, layers "
                                    "(default heads,matrices,layers = one tensor; 'all' is the same); LoRTA only")
-    p.add_argument("--adapter-scope", choices=("lm", "trunk", "both"),
+    p.add_argument("--adapter-scope", choices=SCOPES,
                    help="where the adapter goes: lm (ESM-2's attention, default), trunk (the folding trunk's sequence "
                         "and triangle attention, one CP tensor per family) or both (adapter.scope)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (train.steps); with --resume, extends the run")

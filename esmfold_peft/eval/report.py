@@ -28,6 +28,7 @@ from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY, 
 from esmfold_peft.eval.lddt import LDDT_CUTOFF, LDDT_THRESHOLDS
 from esmfold_peft.eval.metrics import GDT_TS_CUTOFFS
 from esmfold_peft.runtime.rundir import ensure_writable_dir
+from esmfold_peft.runtime.text import finite_or_none, format_score
 
 CHAINS_PER_FIGURE = 12
 _GRID_COLUMNS = 3
@@ -64,10 +65,6 @@ class EvaluationFailure:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
-
-
-def _finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -113,8 +110,8 @@ def chain_record(chain: ChainScores) -> dict:
         "sequence_identity": chain.sequence_identity,
         "coverage": chain.coverage,
         "low_identity_or_coverage": chain.low_identity_or_coverage,
-        "lddt_ca_global_pooled": _finite_or_none(chain.lddt.global_pooled),
-        "lddt_ca_mean_per_residue": _finite_or_none(chain.lddt.mean_per_residue),
+        "lddt_ca_global_pooled": finite_or_none(chain.lddt.global_pooled),
+        "lddt_ca_mean_per_residue": finite_or_none(chain.lddt.mean_per_residue),
         "lddt_ca_n_pairs": chain.lddt.n_pairs,
         "lddt_ca_score_sum": chain.lddt.score_sum,
         "rmsd_ca": sup.rmsd,
@@ -125,8 +122,8 @@ def chain_record(chain: ChainScores) -> dict:
         "per_residue": {
             "residue": chain.residue_labels,
             "scored": chain.scored.tolist(),
-            "lddt_ca": [_finite_or_none(v) for v in chain.lddt.per_residue],
-            "plddt": None if chain.plddt is None else [_finite_or_none(v) for v in chain.plddt],
+            "lddt_ca": [finite_or_none(v) for v in chain.lddt.per_residue],
+            "plddt": None if chain.plddt is None else [finite_or_none(v) for v in chain.plddt],
         },
     }
 
@@ -151,7 +148,7 @@ def summarize(chains: Sequence[ChainScores]) -> dict:
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    return format_score(x, digits, missing="–")
 
 
 def markdown_report(summary: dict, chains: Sequence[ChainScores], failures: Sequence[EvaluationFailure],

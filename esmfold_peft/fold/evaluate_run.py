@@ -26,9 +26,10 @@ from ..eval.report import EvaluationFailure, write_report
 from ..runtime.errors import ConfigError
 from ..runtime.rundir import ensure_writable_dir
 from ..runtime.session import resolve_device
+from ..runtime.text import finite_or_none
 from .checkpoint import load_trained_model
 from .train import build_split, resolve_paths
-from .validate import maybe, validate
+from .validate import validate
 
 SPLITS = ("val", "train")
 
@@ -124,7 +125,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
             chains.append(_validated_chain_scores(dataset, index, summary, outputs, source))
         except ValueError as exc:  # PairingError, or non-finite predicted coordinates
             failures.append(EvaluationFailure(dataset.cache.records[index].path, f"{summary['name']}: {exc}"))
-    validation = {k: maybe(result[k]) if isinstance(result[k], float) else result[k]
+    validation = {k: finite_or_none(result[k]) if isinstance(result[k], float) else result[k]
                   for k in ("lddt_ca", "aggregation", "lddt_ca_pooled_all", "lddt_ca_mean_per_residue",
                             "mean_plddt", "n_chains")}
     run_info = {"run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None, "split": split,

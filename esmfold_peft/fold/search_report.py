@@ -28,7 +28,7 @@ def fmt_alpha(alpha: float) -> str:
 
 
 def fmt_lddt(x: Optional[float]) -> str:
-    return "—" if x is None else format_score(x)
+    return format_score(x, missing="—")
 
 
 def model_label(adapter: str, rank: Optional[int]) -> str:

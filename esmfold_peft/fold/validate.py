@@ -7,23 +7,16 @@ The headline number is OpenFold's: the pooled LDDT-Cα of each chain, averaged o
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from ..data.features import collate
 from ..eval.lddt import lddt_ca_torch
+from ..runtime.session import autocast_for
 from .model import CA, predicted_atom37
 
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -81,7 +74,3 @@ def validate(model, dataset, device: torch.device, num_recycles: int = 3, bf16: 
 def _mean(values) -> float:
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
-
-
-def maybe(value: Optional[float]) -> Optional[float]:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -6,18 +6,18 @@ import math
 from typing import Optional, Sequence
 
 
-def finite_or_none(value):
-    """NaN/Inf (and None) as None, for JSON and reports; other values unchanged."""
+def finite_or_none(value) -> Optional[float]:
+    """A score as a Python float for JSON and reports; None for None, NaN and Inf."""
     if value is None:
         return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
-def format_score(value: Optional[float], digits: int = 4) -> str:
-    """A score with `digits` decimals, or 'n/a' when there is none (None, NaN, Inf)."""
-    return "n/a" if finite_or_none(value) is None else f"{value:.{digits}f}"
+def format_score(value: Optional[float], digits: int = 4, missing: str = "n/a") -> str:
+    """A score with `digits` decimals, or `missing` when there is none (None, NaN, Inf)."""
+    value = finite_or_none(value)
+    return missing if value is None else f"{value:.{digits}f}"
 
 
 def format_count(n: Optional[int]) -> str:
