@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esmfold-peft-setup
 
-.PHONY: setup demo test test-fast bench clean-venv
+.PHONY: setup demo demo-nlp test test-fast bench bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -14,6 +14,16 @@ $(STAMP): pyproject.toml tools/setup.sh
 
 demo: setup
 	$(PY) scripts/train_fold.py --config demo --adapter lorta --rank 8
+
+# The NLP harness on its offline defaults: classification (head only, then LoRTA r=4), instruction tuning, DPO.
+NLP_DEMO ?= runs/demo-nlp-$(shell date +%Y%m%d-%H%M%S)
+
+demo-nlp: setup
+	$(PY) scripts/train_nlp.py --task rt-polarity --adapter none --out $(NLP_DEMO)/classify-head-only --no-progress
+	$(PY) scripts/train_nlp.py --task rt-polarity --adapter lorta --rank 4 --out $(NLP_DEMO)/classify-lorta-r4
+	$(PY) scripts/train_nlp.py --task alpaca --adapter lorta --rank 4 --out $(NLP_DEMO)/alpaca-lorta-r4
+	$(PY) scripts/train_nlp.py --task dpo --adapter lorta --rank 4 --out $(NLP_DEMO)/dpo-lorta-r4
+	@echo "NLP demo results: $(NLP_DEMO)/*/summary.json, curves in */training_curves.png, generations in $(NLP_DEMO)/alpaca-lorta-r4/generations.jsonl; docs/nlp.md explains them"
 
 test: setup
 	$(PY) -m pytest -q --durations=10

@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 OPENFOLD_SPEC=${OPENFOLD_SPEC:-openfold==0.0.1}
 FAIR_ESM_SPEC=${FAIR_ESM_SPEC:-fair-esm==2.0.0}
-EXTRAS=${EXTRAS:-test}
+EXTRAS=${EXTRAS:-test,nlp}
 
 say() { printf '[setup] %s\n' "$*"; }
 

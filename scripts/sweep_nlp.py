@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Table 1 in small: LoRTA r=1,4,8, LoRA r=1,8, head only and full fine-tuning on one classification task.
+
+Writes OUT/table.md (trainable parameters and metrics), OUT/metric_vs_parameters.png (log x) and
+OUT/sweep.json; each method's run directory is OUT/<method>. A finished run is reused and an
+interrupted one resumed, so the command can simply be given again.
+
+Examples:
+  python scripts/sweep_nlp.py                                   # MiniLM on rt-polarity, ~20-30 min on 2 CPU cores
+  python scripts/sweep_nlp.py --task corr2cause --out runs/sweep-c2c
+  python scripts/sweep_nlp.py --methods lorta-r4,lora-r8,head-only --set train.steps=60
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_OK, UserError  # noqa: E402
+
+
+def parse_args(argv=None):
+    from esmfold_peft.nlp.glue import TASKS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2]
+                                + "\n" + exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="rt-polarity", choices=list(TASKS), help="classification task (default rt-polarity)")
+    p.add_argument("--config", default="nlp_classify", help="config name or path (default nlp_classify)")
+    p.add_argument("--methods", help="comma-separated subset of: lorta-r1, lorta-r4, lorta-r8, lora-r1, lora-r8, "
+                                     "head-only, full (other ranks too, e.g. lora-r4)")
+    p.add_argument("--out", type=Path, help="sweep folder (default runs/nlp-sweep-<task>)")
+    add_set_argument(p, "train.steps=60")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def parse_methods(text):
+    from esmfold_peft.nlp.sweep import DEFAULT_GRID
+
+    if not text:
+        return DEFAULT_GRID
+    grid = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in ("head-only", "none"):
+            grid.append(("none", 0))
+        elif item == "full":
+            grid.append(("full", 0))
+        elif "-r" in item and item.split("-r")[0] in ("lorta", "lora") and item.split("-r")[1].isdigit():
+            method, rank = item.split("-r")
+            grid.append((method, int(rank)))
+        else:
+            raise UserError(f"--methods: {item!r} is not lorta-rN, lora-rN, head-only or full")
+    return tuple(grid)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from esmfold_peft.nlp.config import load_config
+    from esmfold_peft.nlp.sources import project_root
+    from esmfold_peft.nlp.sweep import run_sweep
+    from esmfold_peft.runtime.config import apply_overrides
+
+    grid = parse_methods(args.methods)
+    out = args.out or project_root() / "runs" / f"nlp-sweep-{args.task}"
+    load_config(args.config)  # a bad name fails here, before any training
+
+    def make_config():
+        return apply_overrides(load_config(args.config), [f"task={args.task}"])
+
+    status = run_sweep(make_config, out, grid, overrides=args.set, progress=not args.no_progress)
+    if status == EXIT_OK:
+        print(f"done: table in {out}/table.md, plot in {out}/metric_vs_parameters.png, runs in {out}/<method>\n"
+              f"next: cat {out}/table.md")
+    else:
+        print(f"stopped: give the same command again to continue ({out})")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
