@@ -1634,7 +1634,7 @@ def _argparse_train(rng, d, ctx):
 # each is refused by the contract; one that is not refused trains for the tiny config's one step
 NEGATIVE_VALUES = [("optim.lr", "-1"), ("optim.lr", "0"), ("train.batch_size", "0"), ("train.crop_size", "-16"),
                    ("train.max_recycles", "-1"), ("adapter.rank", "0"), ("adapter.alpha", "-2"),
-                   ("model.trunk.num_blocks", "-1"), ("model.trunk.num_blocks", "0"), ("data.num_workers", "-1"),
+                   ("model.trunk.num_blocks", "-1"), ("model.trunk.num_blocks", "-3"), ("data.num_workers", "-1"),
                    ("adapter.dropout", "1.5"), ("train.effective_batch_size", "-2"), ("train.steps", "-5"),
                    ("train.log_every", "-1"), ("val.num_recycles", "-1"), ("optim.warmup_steps", "-3"),
                    ("optim.lr", "nan"), ("adapter.alpha", "inf"), ("optim.ema_decay", "1.5"),

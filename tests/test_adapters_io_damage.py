@@ -183,7 +183,7 @@ CONFIG_FAULTS = {
     "layout-unknown-key": (setting(True, "layout", "rotary"), "layout has unknown keys: rotary"),
     "layout-zero-heads": (setting(0, "layout", "n_heads"), "layout: n_heads must be positive"),
     "rank-string": (setting("four", "config", "rank"), "config: rank must be a positive integer"),
-    "alpha-string": (setting("16", "config", "alpha"), "config: alpha must be a number"),
+    "alpha-string": (setting("16", "config", "alpha"), "config: alpha must be a finite number"),
     "targets-string": (setting("qkvo", "config", "targets"), "config: targets must be a list"),
     "modes-unknown": (setting(["heads", "tokens"], "config", "modes"), "config: modes .* not understood"),
     "config-unknown-key": (setting(4, "config", "ranks"), "config: unknown lorta config keys: ranks"),

@@ -197,10 +197,7 @@ def check_config(cfg: mlc.ConfigDict) -> None:
         raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
     if a.scope != "lm" and a.method not in ("lorta", "lora"):
         raise ConfigError(f"adapter.scope={a.scope} needs adapter.method lorta or lora (it is {a.method})")
-    if "trunk" not in parse_parts(cfg.model.trainable) and not cfg.model.init_from:
-        raise ConfigError("model.trainable leaves the trunk frozen, but model.init_from names no pretrained ESMFold: "
-                          "the run would adapt a random trunk (set model.init_from=esmfold_3B_v1.pt, or train the "
-                          "trunk: model.trainable=embeddings,trunk,structure_module,heads)")
+    parse_parts(cfg.model.trainable)
     if a.method == "lorta":
         try:
             LoRTAConfig(rank=int(a.rank), alpha=float(a.alpha) or None, modes=parse_modes(a.modes))
@@ -208,3 +205,11 @@ def check_config(cfg: mlc.ConfigDict) -> None:
             raise ConfigError(f"adapter.modes={a.modes!r}: {exc}") from exc
     if cfg.data.source not in ("demo", "openfold", "dir"):
         raise ConfigError(f"data.source must be demo, openfold or dir; got {cfg.data.source!r}")
+
+
+def check_new_run(cfg: mlc.ConfigDict) -> None:
+    """What only a new run must satisfy: a frozen trunk has to come from a pretrained ESMFold."""
+    if "trunk" not in parse_parts(cfg.model.trainable) and not cfg.model.init_from:
+        raise ConfigError("model.trainable leaves the trunk frozen, but model.init_from names no pretrained ESMFold: "
+                          "the run would adapt a random trunk (set model.init_from=esmfold_3B_v1.pt, or train the "
+                          "trunk: model.trainable=embeddings,trunk,structure_module,heads)")

@@ -198,8 +198,53 @@ def load_language_model(lm_cfg):
     model, alphabet, description = _load_language_model(lm_cfg)
     if lm_cfg.get("sdpa", True):
         enable_sdpa(model)  # attention without the L×L probability tensor, same outputs
+    set_storage_dtype(model, lm_cfg.get("storage_dtype", "float32"))  # frozen-LM storage (block below)
     return model, alphabet, description
 # --- end of the SDPA attention switch ---
+
+
+# --- frozen-LM storage dtype: model.lm.storage_dtype, "float32" (default) or "bfloat16" ---
+# The LM's base parameters are stored in bf16 (half the bytes); adapter factors (`peft.*`) and
+# buffers (the rotary inv_freq: bf16 cannot hold positions above 256 exactly) keep their dtype.
+# `lm_autocast` runs the LM's forward under autocast in that dtype (model.py), so every matmul and
+# the adapters' deltas run in bf16 while the float32 factors receive float32 gradients; the
+# folding model casts the representations to float32 before the trunk. Only for a frozen LM
+# (adapter.method lorta, lora or none): a trainable bf16 LM parameter is refused at its forward.
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _base_parameters(lm):
+    return [p for n, p in lm.named_parameters() if not n.startswith("peft.")]
+
+
+def set_storage_dtype(lm, dtype) -> int:
+    """Store the LM's base parameters in `dtype` ("float32" or "bfloat16"); returns their bytes after.
+
+    Tied parameters stay tied (each Parameter object is cast once, in place of its `.data`)."""
+    if dtype not in STORAGE_DTYPES:
+        raise LanguageModelError(f"model.lm.storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    target = STORAGE_DTYPES[dtype]
+    params = _base_parameters(lm)
+    for p in params:
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def lm_autocast(lm, device_type: str):
+    """The context for the LM's forward: autocast in its storage dtype when that is not float32."""
+    import contextlib
+
+    weight = getattr(getattr(lm, "embed_tokens", None), "weight", None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    if torch.is_grad_enabled() and any(p.requires_grad for p in _base_parameters(lm)):
+        raise LanguageModelError(f"the language model is stored in {dtype} (model.lm.storage_dtype) but some of its "
+                                 "base parameters are trainable: bf16 storage is for a frozen LM (adapter.method "
+                                 "lorta, lora or none), not for full fine-tuning")
+    return torch.autocast(device_type, dtype=dtype)
+# --- end of the frozen-LM storage dtype ---
 
 
 def _load_language_model(lm_cfg):

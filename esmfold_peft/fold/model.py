@@ -1,7 +1,8 @@
 """Our ESMFold: fair-esm's folding trunk and heads around an adaptable ESM-2 (SPEC §2).
 
 Differences from `esm.esmfold.v1.esmfold.ESMFold`, on purpose:
-  * the language model is given (any ESM-2, see `lm.py`), stays float32, is never halved;
+  * the language model is given (any ESM-2, see `lm.py`), float32 unless `model.lm.storage_dtype`
+    stores a frozen one in bf16 (its forward then runs under bf16 autocast, outputs cast to float32);
   * the LM representations are NOT detached: gradients reach the adapter (or the full LM);
   * nothing is downloaded in the constructor;
   * optional activation checkpointing per trunk block (fair-esm's `cpu_grad_checkpoint` flag does
@@ -120,7 +121,10 @@ class AdaptedESMFold(nn.Module):
         eos = esmaa.new_full((B, 1), d.padding_idx)
         esmaa = torch.cat([bos, esmaa, eos], dim=1)
         esmaa[torch.arange(B, device=esmaa.device), (esmaa != d.padding_idx).sum(1)] = d.eos_idx
-        res = self.esm(esmaa, repr_layers=range(self.esm.num_layers + 1), need_head_weights=False)
+        from .lm import lm_autocast  # frozen-LM storage dtype (model.lm.storage_dtype): bf16 LM under autocast
+
+        with lm_autocast(self.esm, esmaa.device.type):  # a float32 LM: no autocast of its own
+            res = self.esm(esmaa, repr_layers=range(self.esm.num_layers + 1), need_head_weights=False)
         esm_s = torch.stack([v for _, v in sorted(res["representations"].items())], dim=2)
         return esm_s[:, 1:-1]
 

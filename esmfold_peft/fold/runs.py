@@ -20,8 +20,8 @@ import ml_collections as mlc
 from ..runtime.config import apply_overrides, coerce, describe_differences, differences, flatten, lookup
 from ..runtime.errors import ConfigError, UserError
 from ..runtime.rundir import RunDir, map_paths, resolve_path, store_path
-from .config import (PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, load_config, project_root,
-                     resolve_alpha)
+from .config import (PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, check_new_run, load_config,
+                     project_root, resolve_alpha)
 
 SECTIONS = ("model", "adapter", "loss", "optim", "train", "data", "val")
 # keys newer than the first runs: a stored config without them takes the default
@@ -49,7 +49,9 @@ def finish(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
 def new_run_config(config: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
     cfg = load_config(config)
     apply_overrides(cfg, overrides)
-    return finish(cfg)
+    finish(cfg)
+    check_new_run(cfg)
+    return cfg
 
 
 def stored_form(cfg: mlc.ConfigDict, run_dir: Path) -> dict:

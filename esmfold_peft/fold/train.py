@@ -33,7 +33,7 @@ from ..runtime.session import (Dist, StopSignal, autocast_for, remove_file_loggi
 from ..runtime.text import finite_or_none, format_score
 from .build import build_model, parameter_counts
 from .checkpoint import export_model, load_trained_state, read_checkpoint, save_checkpoint, set_rng_state
-from .config import adapter_alpha
+from .config import adapter_alpha, check_new_run
 from .losses import fold_loss
 from .plots import plot_training_curves
 from .runs import check_resumable_config, fill_defaults, finish, stored_form
@@ -195,6 +195,8 @@ def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progre
             replace_failed = run.check_new() if not resume else run.check_resumable()
             if resume:
                 check_resumable_config(run.path, cfg)
+            else:
+                check_new_run(cfg)
             run.clean_temporaries()
             run.start(stored_form(cfg, run.path), replace_failed=bool(replace_failed))
             state.log_handler = setup_file_logging(run.log_file)
