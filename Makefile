@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esmfold-peft-setup
 
-.PHONY: setup demo demo-nlp test test-fast bench bench-gpu clean-venv
+.PHONY: setup demo demo-nlp test test-fast bench bench-memory bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,15 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# prediction memory per saving at 256-1,024 residues (about 15 min on 2 CPU cores), then BENCHMARKS.md again
+bench-memory: setup
+	$(PY) bench/predict_memory.py
+	$(PY) bench/report.py
+
+# the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv)
+bench-gpu:
+	$(PY) bench/gpu_suite.py --device cuda
 
 clean-venv:
 	rm -rf $(VENV)

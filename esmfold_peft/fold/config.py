@@ -54,7 +54,8 @@ def base_config() -> mlc.ConfigDict:
     cfg.model = mlc.ConfigDict({
         # language model: a fair-esm name, or a local checkpoint path (fair-esm .pt or HF ESM)
         "lm": {"name": "esm2_t12_35M_UR50D", "path": "", "random_init": False, "heads": 0,
-               "sdpa": True},  # attention through scaled_dot_product_attention (same outputs, O(L) memory)
+               "sdpa": True,  # attention through scaled_dot_product_attention (same outputs, O(L) memory)
+               "storage_dtype": "float32"},  # "bfloat16": a frozen LM's weights in bf16, run under bf16 autocast
         "trunk": trunk_config(),
         "lddt_head_hid_dim": 128,
         "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
@@ -128,7 +129,8 @@ RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every",
                "model.checkpoint_blocks", "name") + PATH_KEYS
 # what prediction and evaluation may change in a trained run (--set): where things are and how it runs
 USE_FREE = PATH_KEYS + ("train.device", "train.num_threads", "data.num_workers", "data.val_max_chains",
-                        "model.checkpoint_blocks", "model.lm.sdpa", "model.trunk.chunk_size", "val.")
+                        "model.checkpoint_blocks", "model.lm.sdpa", "model.lm.storage_dtype", "model.trunk.chunk_size",
+                        "val.")
 
 
 def load_config(name_or_path: str) -> mlc.ConfigDict:
@@ -193,6 +195,12 @@ def check_config(cfg: mlc.ConfigDict) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key} must be {what}, got {node!r}")
+    storage = cfg.model.lm.storage_dtype
+    if storage not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.lm.storage_dtype must be float32 or bfloat16, got {storage!r}")
+    if storage != "float32" and a.method == "full":
+        raise ConfigError("model.lm.storage_dtype=bfloat16 stores a frozen language model; adapter.method=full "
+                          "trains it (use float32)")
     if a.scope not in SCOPES:
         raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
     if a.scope != "lm" and a.method not in ("lorta", "lora"):

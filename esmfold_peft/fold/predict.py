@@ -331,6 +331,10 @@ class MergeCheck:
                 "n_sequences": self.n_sequences, "ok": self.ok}
 
 
+def bf16_language_model(model) -> bool:
+    return model.esm.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def adapted_parts(model) -> list:
     """The parts of the folding model that carry adapters: its language model and/or its trunk."""
     return [part for part in (model.esm, model.trunk) if has_adapters(part)]
@@ -641,6 +645,9 @@ def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
         return merged
 
     try:
+        if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
+            log.info("the language model is stored in bf16: adapters are applied unmerged")
+            merge = False
         if merge and adapted_parts(model) and batches:
             merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device,
                                                         recycles, merge_tolerance)
