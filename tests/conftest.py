@@ -117,3 +117,14 @@ def demo_data():
         if os.environ.get("ESMFOLD_PEFT_OFFLINE"):
             pytest.skip(f"demo data unavailable offline: {exc}")
         raise
+
+
+@pytest.fixture(scope="session")
+def tiny_lorta_run(tmp_path_factory):
+    """A tiny LoRTA run trained for 2 steps, shared by the prediction tests (they only read it)."""
+    from esmfold_peft.fold.train import EXIT_OK, train
+    from fold_fixtures import tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("tiny_lorta_run")
+    assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK
+    return tmp / "run"

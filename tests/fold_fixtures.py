@@ -128,3 +128,14 @@ def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
     torch.save({"cfg": {"model": {"esm_type": "esm2_8M", "lddt_head_hid_dim": cfg.model.lddt_head_hid_dim,
                                   "trunk": cfg.model.trunk.to_dict()}}, "model": state}, path)
     return Path(path)
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (its `main(argv)` is what the tests call)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """scripts/predict.py and esmfold_peft.fold.predict on a tiny trained run (nothing downloaded)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,8 +16,7 @@ from esmfold_peft.adapters.inject import AdapterSet
 from esmfold_peft.fold.checkpoint import load_trained_model
 from esmfold_peft.fold.predict import (MergeMismatchError, file_stems, length_batches, merge_adapter_checked,
                                        predict_fasta, predict_sequences)
-from esmfold_peft.fold.train import EXIT_OK, train
-from fold_fixtures import tiny_run_config
+from fold_fixtures import load_script as load_script_named
 from openfold.np import residue_constants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +24,9 @@ SCRIPT = ROOT / "scripts" / "predict.py"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict")
-    assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK
-    return tmp / "run"
+@pytest.fixture
+def run_dir(tiny_lorta_run):
+    return tiny_lorta_run
 
 
 @pytest.fixture
@@ -40,10 +36,7 @@ def model(run_dir):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("predict_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("predict")
 
 
 def test_length_batches_pack_sorted_sequences_within_the_budget():

@@ -1,6 +1,5 @@
 """Prediction as esm-fold users expect it: multimers (A:B), per-atom pLDDT, PAE, --chunk-size, --esmfold, flags."""
 
-import importlib.util
 import json
 import sys
 import types
@@ -15,8 +14,7 @@ from esm.esmfold.v1.misc import batch_encode_sequences
 from esmfold_peft.fold.checkpoint import load_trained_model
 from esmfold_peft.fold.predict import (CHAIN_LINKER, encode_sequences, model_length, predict_fasta,
                                        predict_sequences, shard_records)
-from esmfold_peft.fold.train import EXIT_OK, train
-from fold_fixtures import tiny_run_config
+from fold_fixtures import load_script as load_script_named
 from openfold.np import residue_constants
 from openfold.utils.loss import compute_tm
 
@@ -26,11 +24,9 @@ CPU = torch.device("cpu")
 CHAIN_A, CHAIN_B = "MKTAYIAKQRQISFVK", "DPWERSHLNVEM"  # no G, so a written linker would show
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict_multimer")
-    assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK
-    return tmp / "run"
+@pytest.fixture
+def run_dir(tiny_lorta_run):
+    return tiny_lorta_run
 
 
 @pytest.fixture
@@ -40,10 +36,7 @@ def model(run_dir):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("predict_script_multimer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("predict")
 
 
 def pdb_atoms(path):

@@ -1,6 +1,5 @@
 """The run contract: resume from the run's own config, stop anywhere, move anywhere, refuse tampered files."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +11,12 @@ from esmfold_peft.fold import train as trainer
 from esmfold_peft.fold.checkpoint import read_checkpoint
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from esmfold_peft.runtime.rundir import RunDir
-from fold_fixtures import tiny_run_config, write_tiny_config_file
+from fold_fixtures import load_script, tiny_run_config, write_tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = load_script
 
 
 def summary(run: Path) -> dict:
