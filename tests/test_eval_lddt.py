@@ -11,7 +11,7 @@ from esmfold_peft.eval.lddt import LDDT_THRESHOLDS, lddt_ca, lddt_ca_torch
 
 
 def naive_lddt(pred, ref, ref_mask, pred_mask=None, cutoff=15.0, thresholds=LDDT_THRESHOLDS):
-    """The definition of SPEC §4 written as plain loops: (pooled, per-residue list, ordered pairs)."""
+    """The definition of docs/method.md §4 written as plain loops: (pooled, per-residue list, ordered pairs)."""
     n = len(ref)
     pred_mask = [True] * n if pred_mask is None else pred_mask
     total, count = 0.0, 0

@@ -1,4 +1,4 @@
-"""Our ESMFold: fair-esm's folding trunk and heads around an adaptable ESM-2 (SPEC §2).
+"""Our ESMFold: fair-esm's folding trunk and heads around an adaptable ESM-2 (docs/method.md §2).
 
 Differences from `esm.esmfold.v1.esmfold.ESMFold`, on purpose:
   * the language model is given (any ESM-2, see `lm.py`), float32 unless `model.lm.storage_dtype`
