@@ -78,6 +78,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def merge_random_adapter(model, seed: int) -> None:
+    """Give the folding model's LM adapter seeded nonzero factors, merge it and freeze the model (inference)."""
+    from esmfold_peft.adapters import get_adapter_set
+
+    aset = get_adapter_set(model.esm)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in aset.get().parameters():
+            p.copy_((torch.rand(p.shape, generator=g) - 0.5) * 0.2)
+    aset.merge()
+    model.requires_grad_(False)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

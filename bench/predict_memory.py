@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from common import (MiB, ROOT, TensorMemoryTracker, base_parser, clock_for, finish, load_average, pick_device,
-                    resident_bytes, set_threads, synchronize)
+from common import (MiB, ROOT, TensorMemoryTracker, base_parser, clock_for, finish, load_average, merge_random_adapter,
+                    pick_device, resident_bytes, set_threads, synchronize)
 
 VARIANTS = {  # name -> (trunk chunk size, LM SDPA, LM storage dtype)
     "none": (None, False, "float32"),
@@ -103,7 +103,6 @@ def _status_kib(key: str) -> int:
 
 
 def build_model(variant: str, smoke: bool, seed: int):
-    from esmfold_peft.adapters import get_adapter_set
     from esmfold_peft.fold.build import build_model as build
 
     from fold_step import fold_config
@@ -117,13 +116,7 @@ def build_model(variant: str, smoke: bool, seed: int):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="language model .* is RANDOMLY INITIALISED")
         model = build(cfg)
-    aset = get_adapter_set(model.esm)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in aset.get().parameters():
-            p.copy_((torch.rand(p.shape, generator=g) - 0.5) * 0.2)
-    aset.merge()
-    model.requires_grad_(False)
+    merge_random_adapter(model, seed)
     return model.eval(), cfg
 
 

@@ -21,15 +21,14 @@ import warnings
 
 import torch
 
-from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_s, interleaved, load_average, peak_memory,
-                    pick_device, resident_bytes, set_threads, summary)
+from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_s, interleaved, load_average,
+                    merge_random_adapter, peak_memory, pick_device, resident_bytes, set_threads, summary)
 
 DEFAULTS = {"cpu": dict(config="demo", lengths=(64, 128, 256), repeats=5, steps=1, warmup=1),
             "cuda": dict(config="paper_d4", lengths=(64, 128, 256), repeats=5, steps=3, warmup=2)}
 
 
 def build_predictor(config: str, smoke: bool, device: torch.device, seed: int):
-    from esmfold_peft.adapters import get_adapter_set
     from esmfold_peft.fold.build import build_model
     from esmfold_peft.fold.config import load_config
     from esmfold_peft.fold.train import resolve_paths
@@ -53,13 +52,7 @@ def build_predictor(config: str, smoke: bool, device: torch.device, seed: int):
             print(f"could not load {cfg.model.lm.path} ({exc}); using a random LM of the same shape")
             cfg.model.lm.path, cfg.model.lm.random_init = "", True
             model = build_model(cfg)
-    aset = get_adapter_set(model.esm)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in aset.get().parameters():
-            p.copy_((torch.rand(p.shape, generator=g) - 0.5) * 0.2)
-    aset.merge()
-    model.requires_grad_(False)
+    merge_random_adapter(model, seed)
     return model.to(device).eval(), cfg
 
 

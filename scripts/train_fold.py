@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, positive_float, positive_int, run_main  # noqa: E402
+from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, overrides_from, positive_float,  # noqa: E402
+                                      positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
 from esmfold_peft.runtime.session import world_size  # noqa: E402
 from esmfold_peft.fold.config import ADAPTERS, SCOPES  # noqa: E402
@@ -66,7 +67,7 @@ def flag_overrides(args) -> list[str]:
     flags = {"adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
              "adapter.modes": args.modes, "adapter.scope": args.adapter_scope, "train.steps": args.steps, "train.seed": args.seed,
              "train.crop_size": args.crop_size, "train.device": args.device}
-    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    return overrides_from(flags, args.set)
 
 
 def check_flags(args, method: str) -> None:

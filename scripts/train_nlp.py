@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,  # noqa: E402
-                                      positive_int, run_main)
+                                      overrides_from, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
 
 METHODS = ("lorta", "lora", "none", "full")
@@ -59,7 +59,7 @@ def parse_args(argv=None):
 def flag_overrides(args) -> list[str]:
     flags = {"task": args.task, "adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
              "train.steps": args.steps, "train.seed": args.seed, "train.device": args.device}
-    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    return overrides_from(flags, args.set)
 
 
 def resolve_new(args):

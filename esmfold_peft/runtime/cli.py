@@ -58,6 +58,11 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str = "model.trun
                         help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
+def overrides_from(flags: dict, extra=()) -> list[str]:
+    """`key=value` overrides for the flags that were given (None = not given), then the `--set` ones."""
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(extra)
+
+
 def exit_code_table() -> str:
     return "Exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
 
