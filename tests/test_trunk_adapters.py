@@ -8,7 +8,7 @@ from esmfold_peft.fold.build import build_model, parameter_counts
 from esmfold_peft.fold.checkpoint import load_trained_model
 from esmfold_peft.fold.pretrained import init_from_checkpoint
 from esmfold_peft.fold.train import EXIT_OK, seed_everything, train_model
-from esmfold_peft.runtime.errors import ConfigError
+from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
 from fold_fixtures import tiny_run_config, write_esmfold_checkpoint
 
 
@@ -89,3 +89,61 @@ def test_predict_merges_the_trunk_adapter_after_checking_it(tmp_path):
             torch.nn.init.normal_(p, std=0.05)
     check, merged = merge_adapter_checked(model, ["MKTAYIAKQR", "GSHMLEDP"], torch.device("cpu"), num_recycles=0)
     assert check.ok and get_adapter_set(model.trunk).merged and get_adapter_set(model.esm).merged
+
+
+def test_fine_tuning_runs_keep_only_what_trains_and_rebuild_the_rest(tmp_path):
+    """Checkpoints and the exported model of a run started from model.init_from hold no frozen trunk tensor."""
+    import shutil
+
+    from esmfold_peft.fold.checkpoint import PRETRAINED_RECORD, read_checkpoint
+    from esmfold_peft.runtime.artifacts import load_safetensors
+
+    cfg = frozen_trunk_config(tmp_path, "both", steps=3)
+    cfg.train.ckpt_every = 1
+    status, model = train_model(cfg, tmp_path / "run", progress=False)
+    assert status == EXIT_OK
+    run = tmp_path / "run"
+    saved = read_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and all(".peft." in k for k in saved)  # nothing frozen went in
+    assert load_safetensors(run / "model" / "fold_model.safetensors") == {}  # no fold tensor trained
+    assert (run / "model" / PRETRAINED_RECORD).is_file()
+
+    aa = torch.randint(0, 20, (1, 14), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        expected = model(aa, num_recycles=0)["positions"]
+        for source in (None, run / "checkpoints" / "last.pt"):  # exported model, then the training checkpoint
+            loaded, _ = load_trained_model(run, checkpoint=source, use_ema=False)
+            torch.testing.assert_close(loaded.eval()(aa, num_recycles=0)["positions"], expected)
+
+    # the pretrained file moved: named, and found again with model.init_from
+    moved = tmp_path / "elsewhere.pt"
+    shutil.move(cfg.model.init_from, moved)
+    with pytest.raises(UserError, match="--set model.init_from=PATH"):
+        load_trained_model(run)
+    loaded, _ = load_trained_model(run, overrides=[f"model.init_from={moved}"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(aa, num_recycles=0)["positions"], expected)
+
+    # another file in its place: refused by its checksum, from the export and from the checkpoint
+    write_esmfold_checkpoint(cfg, moved, seed=6)
+    for source in (None, run / "checkpoints" / "last.pt"):
+        with pytest.raises(ArtifactError, match="not the pretrained ESMFold"):
+            load_trained_model(run, checkpoint=source, overrides=[f"model.init_from={moved}"])
+
+
+def test_a_fine_tuning_run_resumes_from_its_slim_checkpoint_exactly(tmp_path):
+    from esmfold_peft.fold.runs import resume_run_config
+
+    straight_cfg = frozen_trunk_config(tmp_path / "a", "both", steps=4)
+    status, straight = train_model(straight_cfg, tmp_path / "a" / "run", progress=False)
+    assert status == EXIT_OK
+    cfg = frozen_trunk_config(tmp_path / "b", "both", steps=2)
+    cfg.train.ckpt_every = 1
+    assert train_model(cfg, tmp_path / "b" / "run", progress=False)[0] == EXIT_OK
+    resumed_cfg = resume_run_config(tmp_path / "b" / "run", ["train.steps=4"])
+    status, resumed = train_model(resumed_cfg, tmp_path / "b" / "run", resume=True, progress=False)
+    assert status == EXIT_OK
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if ".peft." in k)

@@ -3,12 +3,18 @@
     RUN/config.json                  the resolved configuration
     RUN/checkpoints/last.pt          everything needed to resume exactly (written atomically)
     RUN/model/fold_model.safetensors trunk + heads (+ the LM when it was fully trained)
+    RUN/model/init_from.json         fine-tuning runs: SHA-256 of the pretrained ESMFold file
     RUN/adapter/                     the adapter in the core's format (lorta / lora runs)
+    RUN/trunk_adapter/               the trunk's adapter (adapter.scope trunk / both)
     RUN/metrics.jsonl, RUN/summary.json
 
-Checkpoints hold only what training changes (trainable parameters, every non-LM tensor,
-optimizer, scheduler, EMA, RNG states, step); the frozen language model is rebuilt from its
-source. They load with `torch.load(weights_only=True)`.
+Checkpoints hold only what training changes (optimizer, scheduler, EMA, RNG states, step, and
+the tensors below); the frozen language model is rebuilt from its source. A run trained from
+scratch saves every non-LM tensor. A run started from a pretrained ESMFold (`model.init_from`)
+saves only its trainable tensors and adapters: the frozen trunk and heads are rebuilt from that
+file, which must be the one the run recorded (its SHA-256, checked on every load). For ESMFold
+3B that is megabytes per checkpoint instead of gigabytes. They load with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ import torch
 
 from ..adapters import get_adapter_set, has_adapters, load_adapter, save_adapter
 from ..atomic import write_json_atomic
-from ..runtime.artifacts import check_tensors, load_safetensors, save_safetensors, torch_load, torch_save
+from ..runtime.artifacts import (check_tensors, load_safetensors, read_json, save_safetensors, sha256_file, torch_load,
+                                 torch_save)
 from ..runtime.errors import ArtifactError, UserError
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
 FOLD_WEIGHTS = "fold_model.safetensors"
+PRETRAINED_RECORD = "init_from.json"
+ADAPTER_DIRS = {"esm": "adapter", "trunk": "trunk_adapter"}  # where each adapted part's adapter is exported
+ADAPTER_PREFIXES = tuple(f"{part}.peft." for part in ADAPTER_DIRS)
 # a checkpoint's top level: key -> type
 CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
                    "rng": dict, "extra": dict}
@@ -38,11 +48,57 @@ class CheckpointError(UserError):
     """A run directory or checkpoint that cannot be used (its message names the file and the fault)."""
 
 
-def trained_state(model) -> dict:
-    """Tensors training can change: everything outside the LM, plus the LM's trainable ones."""
+def trained_state(model, pretrained_base: bool = False) -> dict:
+    """Tensors training can change: everything outside the LM, plus the LM's trainable ones and adapters.
+
+    With a `pretrained_base` (the run started from `model.init_from`), only the trainable tensors
+    and the adapters: the rest is rebuilt from that file (`load_pretrained_base`).
+    """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if not k.startswith("esm.") or k in trainable or k.startswith("esm.peft.")}
+
+    def changes(k: str) -> bool:
+        if k in trainable or k.startswith(ADAPTER_PREFIXES):
+            return True
+        return not pretrained_base and not k.startswith("esm.")
+
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if changes(k)}
+
+
+def needs_pretrained_base(model, state: dict) -> bool:
+    """Whether `state` leaves non-LM tensors of `model` to a pretrained base (a fine-tuning run's state)."""
+    return any(k not in state for k in model.state_dict() if not k.startswith("esm."))
+
+
+def pretrained_record(cfg: mlc.ConfigDict) -> Optional[dict]:
+    """What a fine-tuning run records of its `model.init_from` file: SHA-256 and size (None without one)."""
+    source = cfg.model.get("init_from")
+    if not source:
+        return None
+    path = Path(str(source)).expanduser()
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def load_pretrained_base(model, cfg: mlc.ConfigDict, record: Optional[dict], source: str) -> None:
+    """Give a model built from a fine-tuning run's config the frozen weights of its `model.init_from`.
+
+    The file must be the one the run was started from (`record`: its SHA-256); a moved file is
+    given with `--set model.init_from=PATH`.
+    """
+    from .pretrained import init_from_checkpoint
+
+    if not cfg.model.get("init_from"):
+        raise CheckpointError(f"{source}: holds only the fine-tuned tensors, but the run's config names no "
+                              "model.init_from to rebuild the rest from")
+    path = Path(str(cfg.model.init_from)).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{source}: needs the pretrained ESMFold it was fine-tuned from, "
+                              f"model.init_from={path}, which is not a file (moved? give its place with "
+                              "--set model.init_from=PATH)")
+    if record:
+        if path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
+            raise ArtifactError(path, f"not the pretrained ESMFold {source} was fine-tuned from (its SHA-256 "
+                                      f"differs from the recorded {str(record.get('sha256'))[:16]}…)")
+    init_from_checkpoint(model, cfg)
 
 
 def rng_state() -> dict:
@@ -70,7 +126,8 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, ema, step: int, 
     """Atomically, with a SHA-256 sidecar (`runtime.artifacts`)."""
     torch_save({
         "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
-        "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "model": trained_state(model, pretrained_base=bool(cfg.model.get("init_from"))),
+        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
         "rng": rng_state(), "extra": extra,
     }, path)
@@ -96,27 +153,31 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_trained_state(model, state: dict, source: str) -> None:
+def load_trained_state(model, state: dict, source: str, base_loaded: bool = False) -> None:
+    """Load a run's tensors; every non-LM tensor must be there unless a pretrained base was loaded first."""
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
-    missing = sorted(k for k in own if not k.startswith("esm.") and k not in state)
+    missing = [] if base_loaded else sorted(k for k in own if not k.startswith("esm.") and k not in state)
     if unknown or shapes or missing:
         raise CheckpointError(f"{source}: does not fit the model built from its config: "
                               f"unknown {unknown[:5]}, shape mismatches {shapes[:5]}, missing {missing[:5]}")
     model.load_state_dict(state, strict=False)
 
 
-ADAPTER_DIRS = {"esm": "adapter", "trunk": "trunk_adapter"}  # where each adapted part's adapter is exported
-ADAPTER_PREFIXES = tuple(f"{part}.peft." for part in ADAPTER_DIRS)
+def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional[dict] = None) -> None:
+    """The final model for prediction: fold weights (no adapter tensors) + one adapter directory per adapted part.
 
-
-def export_model(run_dir: Path, model, stored_config: dict) -> None:
-    """The final model for prediction: fold weights (no adapter tensors) + one adapter directory per adapted part."""
-    state = {k: v.contiguous() for k, v in trained_state(model).items() if not k.startswith(ADAPTER_PREFIXES)}
+    `pretrained`: a fine-tuning run's record of its `model.init_from` file (`pretrained_record`); the
+    fold weights then hold only the tensors training changed.
+    """
+    state = {k: v.contiguous() for k, v in trained_state(model, pretrained_base=pretrained is not None).items()
+             if not k.startswith(ADAPTER_PREFIXES)}
     out = Path(run_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, out / FOLD_WEIGHTS)
+    if pretrained is not None:
+        write_json_atomic(out / PRETRAINED_RECORD, pretrained)
     write_json_atomic(out / "config.json", stored_config)
     for part, directory in ADAPTER_DIRS.items():
         if has_adapters(getattr(model, part)):
@@ -150,7 +211,10 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     if checkpoint is not None:
         ckpt = read_checkpoint(Path(checkpoint))
         model = build_model(cfg)
-        load_trained_state(model, ckpt["model"], str(checkpoint))
+        base = needs_pretrained_base(model, ckpt["model"]) and bool(cfg.model.get("init_from"))
+        if base:
+            load_pretrained_base(model, cfg, ckpt["extra"].get("init_from"), str(checkpoint))
+        load_trained_state(model, ckpt["model"], str(checkpoint), base_loaded=base)
         if use_ema and ckpt.get("ema"):
             with torch.no_grad():
                 params = dict(model.named_parameters())
@@ -165,7 +229,12 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     if method in ("lorta", "lora"):
         bare.adapter.method = "none"
     model = build_model(bare)
-    load_trained_state(model, state, str(weights))
+    base = needs_pretrained_base(model, state) and bool(cfg.model.get("init_from"))
+    if base:
+        record_path = run_dir / "model" / PRETRAINED_RECORD
+        record = read_json(record_path) if record_path.exists() else None
+        load_pretrained_base(model, cfg, record, str(weights))
+    load_trained_state(model, state, str(weights), base_loaded=base)
     if method in ("lorta", "lora"):
         scope = cfg.adapter.scope
         for part in (("esm",) if scope == "lm" else ("trunk",) if scope == "trunk" else ("esm", "trunk")):

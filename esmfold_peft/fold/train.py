@@ -32,7 +32,8 @@ from ..runtime.session import (Dist, StopSignal, autocast_for, remove_file_loggi
                                setup_file_logging, teardown_distributed)
 from ..runtime.text import finite_or_none, format_score
 from .build import build_model, parameter_counts
-from .checkpoint import export_model, load_trained_state, read_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (export_model, load_pretrained_base, load_trained_state, needs_pretrained_base,
+                         pretrained_record, read_checkpoint, save_checkpoint, set_rng_state)
 from .config import adapter_alpha, check_new_run
 from .losses import fold_loss
 from .plots import plot_training_curves
@@ -277,10 +278,16 @@ def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSig
     if not d.main:
         train_ds, val_ds = build_datasets(cfg, False)
     model = build_model(cfg)
-    if ckpt is None and cfg.model.init_from:  # a new run starts from a pretrained ESMFold; resumes load their own
+    base_loaded = False
+    if cfg.model.init_from and ckpt is None:  # a new run starts from a pretrained ESMFold and records which
         from .pretrained import init_from_checkpoint
 
         init_from_checkpoint(model, cfg)
+        if d.main:
+            state.extra["init_from"] = pretrained_record(cfg)
+    elif cfg.model.init_from and needs_pretrained_base(model, ckpt["model"]):  # its checkpoints hold only what trains
+        load_pretrained_base(model, cfg, ckpt["extra"].get("init_from"), str(run.last_checkpoint))
+        base_loaded = True
     model = state.model = model.to(device)
     counts = state.counts = parameter_counts(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -293,7 +300,7 @@ def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSig
                                                            else None) if d.world > 1 else model)
 
     if ckpt is not None:
-        load_trained_state(model, ckpt["model"], str(run.last_checkpoint))
+        load_trained_state(model, ckpt["model"], str(run.last_checkpoint), base_loaded=base_loaded)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None:
@@ -410,7 +417,8 @@ def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSig
         if d.main:
             ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
             with ctx:
-                export_model(run.path, model, stored_form(cfg, run.path))
+                export_model(run.path, model, stored_form(cfg, run.path),
+                             pretrained=state.extra.get("init_from") if cfg.model.init_from else None)
     if d.main:
         summary = state.summary(STATUS_OF_EXIT[status], divergence=divergence, final_val=final_val,
                                 reason=divergence["rule"] if divergence else None)
