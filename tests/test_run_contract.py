@@ -202,3 +202,17 @@ def test_written_files_follow_the_umask(trained):
     _, run = trained
     for name in ("config.json", "summary.json", "checkpoints/last.pt", "model/fold_model.safetensors"):
         assert (run / name).stat().st_mode & 0o044, name  # readable by group and others under umask 022
+
+
+def test_user_errors_cross_process_boundaries_intact():
+    """DataLoader workers and torchrun processes pickle exceptions: the message, file and fault survive."""
+    import pickle
+
+    from esmfold_peft.runtime.errors import ArtifactError, ConfigError, OutputPathError
+
+    for exc in (ArtifactError("runs/a/model.safetensors", "checksum mismatch"), ArtifactError(None, "no file"),
+                ConfigError("model.lm.sdpa: expected a bool"), OutputPathError("out: a file, not a folder")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+        assert getattr(back, "path", None) == getattr(exc, "path", None)
+        assert getattr(back, "fault", None) == getattr(exc, "fault", None)

@@ -55,6 +55,9 @@ class ArtifactError(UserError):
         self.fault = fault
         super().__init__(fault if path is None else f"{path}: {fault}")
 
+    def __reduce__(self):  # pickled with its two arguments (DataLoader workers, torchrun processes)
+        return type(self), (self.path, self.fault)
+
 
 class OutputPathError(UserError):
     """An output location that cannot be written (an existing file, a read-only folder, a name too long)."""
