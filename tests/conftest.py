@@ -109,11 +109,12 @@ def demo_data():
     """
     import os
 
-    from esmfold_peft.data.demo import DemoDataError, ensure_demo_data
+    from esmfold_peft.data.demo import ensure_demo_data
+    from esmfold_peft.runtime.registry import FetchError
 
     try:
         return ensure_demo_data(log=lambda message: None)
-    except DemoDataError as exc:
+    except FetchError as exc:
         if os.environ.get("ESMFOLD_PEFT_OFFLINE"):
             pytest.skip(f"demo data unavailable offline: {exc}")
         raise

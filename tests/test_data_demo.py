@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from esmfold_peft.data.cache import build_cache
 from esmfold_peft.data.features import chain_to_features
 from esmfold_peft.data.sources import demo_source
 from esmfold_peft.data.structures import iter_structures
+from esmfold_peft.runtime import registry
+from esmfold_peft.runtime.errors import ArtifactError
 
 NAMES = [f"{i}abc{c}.pdb.gz" for i in range(1, 6) for c in "ABCDEFGHIJ"]  # 50 synthetic names
 
@@ -57,13 +60,26 @@ def test_download_failure_says_what_to_fetch_by_hand(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network unreachable")
 
-    monkeypatch.setattr(demo.subprocess, "run", failing_run)
-    with pytest.raises(demo.DemoDataError) as info:
+    monkeypatch.setattr(registry.subprocess, "run", failing_run)
+    with pytest.raises(registry.FetchError) as info:
         demo.ensure_demo_data(tmp_path, log=lambda msg: None)
     message = str(info.value)
     assert "mdanalysistests==2.11.0" in message and "network unreachable" in message
     assert "https://pypi.org/project/mdanalysistests/2.11.0/" in message
     assert str(tmp_path / "structures") in message
+
+
+def test_an_archive_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    """The registry served other bytes under the pinned version: nothing is read from them."""
+    def fake_pip(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        (dest / "mdanalysistests-2.11.0.tar.gz").write_bytes(b"not the sdist")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    with pytest.raises(ArtifactError, match=f"is not the pinned {demo.TS50_SHA256} of mdanalysistests==2.11.0"):
+        demo.ensure_demo_data(tmp_path, log=lambda msg: None)
+    assert not (tmp_path / "structures").exists()
 
 
 def test_ts50_parses_completely(demo_data):

