@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from esmfold_peft.data.cache import build_cache
-from esmfold_peft.data.dataset import ChainDataset, WeightedBatchSampler, step_seed
+from esmfold_peft.data.dataset import ChainDataset, WeightedBatchSampler
+from esmfold_peft.runtime.session import step_seed
 from esmfold_peft.data.features import collate
 from esmfold_peft.data.sources import directory_source
 

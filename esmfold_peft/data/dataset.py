@@ -10,13 +10,13 @@ nothing else (epoch counters, worker state) is involved. Use it as
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator, Sequence
 
 import torch
 
 from esmfold_peft.data.cache import ChainCache
 from esmfold_peft.data.features import Features, chain_to_features, crop
+from esmfold_peft.runtime.session import step_seed
 
 # A dataset key: a chain index, or (chain index, crop seed) from WeightedBatchSampler.
 Key = int | tuple[int, int]
@@ -47,12 +47,6 @@ class ChainDataset(torch.utils.data.Dataset):
         if self.crop_size is None:
             return features
         return crop(features, self.crop_size, torch.Generator().manual_seed(crop_seed))
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A 63-bit generator seed that depends only on (seed, step)."""
-    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class WeightedBatchSampler(torch.utils.data.Sampler):

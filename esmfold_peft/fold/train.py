@@ -23,13 +23,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import ChainDataset, ChainFilter, build_cache, collate, demo_source, directory_source, openfold_source
-from ..data.dataset import WeightedBatchSampler, step_seed
+from ..data.dataset import WeightedBatchSampler
 from ..data.demo import ensure_demo_data
 from ..runtime.errors import (COMPLETED, DIVERGED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED,
                               ConfigError, UserError)
 from ..runtime.rundir import RunDir, RunSummary
 from ..runtime.session import (Dist, StopSignal, autocast_for, remove_file_logging, setup_distributed,
-                               setup_file_logging, teardown_distributed)
+                               setup_file_logging, step_seed, teardown_distributed)
 from ..runtime.text import finite_or_none, format_score
 from .build import build_model, parameter_counts
 from .checkpoint import (export_model, load_pretrained_base, load_trained_state, needs_pretrained_base,

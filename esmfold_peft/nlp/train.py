@@ -13,7 +13,6 @@ Exit statuses are the run contract's: 0 completed, 3 diverged (the last good che
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -28,19 +27,13 @@ from ..runtime.artifacts import torch_load, torch_save
 from ..runtime.errors import (COMPLETED, DIVERGED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED,
                               RUNNING, UserError)
 from ..runtime.rundir import RunDir, RunSummary
-from ..runtime.session import StopSignal, remove_file_logging, resolve_device, setup_file_logging
+from ..runtime.session import StopSignal, remove_file_logging, resolve_device, setup_file_logging, step_seed
 from ..runtime.text import finite_or_none
 from .models import describe_layout, load_trainable_state, prepare_training, trainable_state
 from .plots import plot_curves
 from .tasks import Task, task_for
 
 log = logging.getLogger("esmfold_peft.nlp")
-
-
-def step_seed(seed: int, step: int, stream: str = "") -> int:
-    """A 63-bit seed that depends only on (seed, step, stream)."""
-    digest = hashlib.sha256(f"{stream}:{seed}:{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import signal
@@ -134,3 +135,14 @@ def setup_file_logging(path: Path) -> logging.Handler:
 def remove_file_logging(handler: logging.Handler) -> None:
     log.removeHandler(handler)
     handler.close()
+
+
+def step_seed(seed: int, step: int, stream: str = "") -> int:
+    """A 63-bit generator seed that depends only on (seed, step, stream): what a step draws, whenever it runs.
+
+    Resumed runs draw what an uninterrupted run would; `stream` separates independent draws of one
+    step (data order, dropout).
+    """
+    key = f"{seed}:{step}" if not stream else f"{stream}:{seed}:{step}"
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
