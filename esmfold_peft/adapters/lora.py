@@ -47,7 +47,8 @@ class LoRA(nn.Module):
     def delta(self, x: torch.Tensor, layer: int, matrix: str) -> torch.Tensor:
         key = self._key(layer, matrix)
         A = self.A[key]
-        return (self.dropout(cast_input(x, A.dtype)) @ A.T) @ (self.B[key].T * self.config.scale)
+        # scale the thin N×r product: scaling B would keep an r×out copy of it per projection for backward
+        return ((self.dropout(cast_input(x, A.dtype)) @ A.T) * self.config.scale) @ self.B[key].T
 
     def delta_weight(self, layer: int, matrix: str) -> torch.Tensor:
         key = self._key(layer, matrix)
