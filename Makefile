@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esmfold-peft-setup
 
-.PHONY: setup demo demo-nlp test test-fast bench bench-memory bench-gpu clean-venv
+.PHONY: setup demo demo-nlp demo-finetune test test-fast bench bench-memory bench-long bench-nlp bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,22 @@ bench: setup
 # prediction memory per saving at 256-1,024 residues (about 15 min on 2 CPU cores), then BENCHMARKS.md again
 bench-memory: setup
 	$(PY) bench/predict_memory.py
+	$(PY) bench/report.py
+
+# long sequences at full size (hours on 2 CPU cores): ESM-2 attention SDPA against the original at 256-2,048
+# residues (35M, 650M), and prediction with all 12 paper_d4 trunk blocks at 256-1,024 (checks bench-memory's estimate)
+bench-long: setup
+	$(PY) bench/esm_attention.py
+	$(PY) bench/predict_memory.py --lengths 256,512,1024 --variants all --blocks-run 0 --cell-timeout 7200
+	$(PY) bench/report.py
+
+# our LoRA/LoRTA against Hugging Face PEFT's LoRA on MiniLM, MPNet and SmolLM2 shapes, and the DPO reference's
+# memory (about 30 min on 2 CPU cores); peft is installed for this benchmark only, never a dependency
+PEFT_SPEC ?= peft==0.21.2
+bench-nlp: setup
+	$(PY) -m pip install -q --disable-pip-version-check "$(PEFT_SPEC)"
+	$(PY) bench/nlp_adapter_step.py
+	$(PY) bench/nlp_dpo_reference.py
 	$(PY) bench/report.py
 
 # the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv)

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MiB = 2 ** 20
+GiB = 2 ** 30
 
 
 # --- arguments and device --------------------------------------------------------------------------
@@ -378,3 +379,83 @@ def finish(name: str, args, device: torch.device, started: float, load_before, p
         print()
         print(markdown_table(table))
     return out
+
+
+# --- one measurement per fresh process ---------------------------------------------------------------
+# A benchmark whose cells may run out of memory runs each in its own process (`run_child`), under an
+# address-space limit: the cell's peak RSS is its own, an allocation beyond the limit fails there (a
+# result, not a crash of the whole run) and the machine's OOM killer is never reached.
+
+_OOM_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "memoryerror", "bad_alloc")
+
+
+def child_main(run_cell: Callable[[dict], dict]) -> bool:
+    """The child's side of `run_child`. When this process was started as `<script> --child <spec JSON>`:
+    limit its address space to spec["memory_limit_gib"] GiB (0: none), use spec["threads"] torch threads
+    (0: torch's default), run `run_cell(spec)` and write the dict it returns to spec["result_file"];
+    return True. Otherwise return False (the script's normal entry point)."""
+    if len(sys.argv) <= 2 or sys.argv[1] != "--child":
+        return False
+    spec = json.loads(sys.argv[2])
+    if spec.get("memory_limit_gib", 0) > 0:
+        import resource
+
+        cap = int(spec["memory_limit_gib"] * GiB)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if spec.get("threads", 0) > 0:
+        torch.set_num_threads(spec["threads"])
+    result = run_cell(spec)
+    Path(spec["result_file"]).write_text(json.dumps(result))
+    return True
+
+
+def run_child(script: Path, spec: dict, timeout: float, keys: Sequence[str]) -> dict:
+    """Run `script --child <spec JSON>` in a fresh process (cwd: the repository) and return the dict its
+    `child_main` wrote. A child that runs past `timeout` seconds, dies or exits nonzero gives
+    {key: spec[key] for key in keys} with "status" "timed_out", "out_of_memory" (its last lines say so)
+    or "failed", and "error". Every result gets "process_seconds" and "process_cpu_seconds" (the child's wall
+    and CPU time, build included)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = dict(spec, result_file=str(Path(tmp) / "result.json"))
+        cmd = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
+        who = {k: spec[k] for k in keys}
+        t0, cpu0 = time.time(), _children_cpu_seconds()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except subprocess.TimeoutExpired:
+            return {**who, "status": "timed_out", "error": f"no result within {timeout:.0f} s",
+                    "process_seconds": round(time.time() - t0, 1)}
+        result_file = Path(spec["result_file"])
+        if proc.returncode == 0 and result_file.is_file():
+            result = json.loads(result_file.read_text())
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            oom = any(w in " ".join(tail).lower() for w in _OOM_WORDS)
+            result = {**who, "status": "out_of_memory" if oom else "failed", "returncode": proc.returncode,
+                      "error": " | ".join(tail)[-600:]}
+        result["process_seconds"] = round(time.time() - t0, 1)
+        result["process_cpu_seconds"] = round(_children_cpu_seconds() - cpu0, 1)
+        return result
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def parse_lengths(text: str, flag: str = "--lengths") -> tuple:
+    """'256,512' -> (256, 512); anything else is a UserError naming the flag."""
+    from esmfold_peft.runtime.errors import UserError
+
+    try:
+        lengths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"{flag} {text!r}: give positive whole numbers separated by commas, e.g. 256,512")
+    return lengths

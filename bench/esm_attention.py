@@ -8,39 +8,53 @@ probabilities for backward) and `sdpa` (esmfold_peft/fold/esm_attention.py, fuse
 step's peak. Both variants' final representations are compared, so a number here is never a
 number of a different function.
 
-Shapes keep ESM-2's true width, heads and depth (35M: 12 layers × 480, 20 heads; 650M: 33 × 1280,
-20 heads). On CPU the default lengths stop where one shape's run would take more than a few
-minutes on 2 busy cores; on CUDA they go to 2048 with bf16 autocast.
+Shapes keep ESM-2's true width and heads (35M: 480, 20 heads, 12 layers; 650M: 1280, 20 heads,
+33 layers). Every (shape, layers, length) cell runs in a fresh process under an address-space limit
+(`--memory-limit-gib`, CPU only), so a variant that needs more memory is recorded as "out of
+memory" and the other is still measured. On CPU (2 cores, 23 GiB) 35M runs all 12 layers from 256
+to 2,048 residues; 650M runs 3 of its 33 layers at those lengths (all 33 with the original
+attention at 2,048 residues would hold about 11 × the 3-layer run's 2 GiB of activations) and all
+33 at 256. Every layer has the same shape, so SDPA changes each layer's activations alike; a run
+with fewer layers also counts a part that does not grow with depth, which the 3- and 33-layer runs
+at 256 measure. On CUDA every shape runs all its layers, with bf16 autocast.
 
-    python bench/esm_attention.py                          # the device's default shapes and lengths
-    python bench/esm_attention.py --shapes 35M --lengths 256,512,1024,2048
-    python bench/esm_attention.py --smoke                  # tiny shapes, seconds
+    python bench/esm_attention.py                          # the device's default cells (CPU: 38 min wall on 2 shared cores)
+    python bench/esm_attention.py --shapes 35M --lengths 256,512
+    python bench/esm_attention.py --shapes 650M --layers 6 --lengths 1024
+    python bench/esm_attention.py --smoke                  # tiny shape, seconds
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary)
-from esmfold_peft.adapters import LoRTAConfig, add_adapter
-from esmfold_peft.fold.esm_attention import disable_sdpa, enable_sdpa
+from common import (autocast, base_parser, child_main, clock_for, finish, fmt_mib, fmt_ms, fmt_ratio,
+                    interleaved, load_average, parse_lengths, peak_memory, pick_device, ratio_summary,
+                    resident_bytes, run_child, set_threads, summary)
+from esmfold_peft.runtime.cli import run_main
+from esmfold_peft.runtime.errors import UserError
 
-# name -> ((layers, d, heads), {device kind: lengths})
+# name -> ((layers, d, heads), {device kind: {layers run: lengths}})
 SHAPES = {
-    "35M": ((12, 480, 20), {"cpu": (256, 512, 1024), "cuda": (256, 512, 1024, 2048)}),
-    "650M": ((33, 1280, 20), {"cpu": (256,), "cuda": (256, 512, 1024, 2048)}),
+    "35M": ((12, 480, 20), {"cpu": {12: (256, 512, 1024, 2048)}, "cuda": {12: (256, 512, 1024, 2048)}}),
+    "650M": ((33, 1280, 20), {"cpu": {33: (256,), 3: (256, 512, 1024, 2048)},
+                              "cuda": {33: (256, 512, 1024, 2048)}}),
 }
-SMOKE_SHAPES = {"tiny": ((2, 64, 4), {"cpu": (16, 32), "cuda": (16, 32)})}
+SMOKE_SHAPES = {"tiny": ((2, 64, 4), {"cpu": {2: (32,)}, "cuda": {2: (32,)}})}  # one cell: one process start
 VARIANTS = ("original", "sdpa")
 DEFAULTS = {"cpu": dict(repeats=3, steps=1, warmup=1), "cuda": dict(repeats=5, steps=3, warmup=2)}
 RANK = 8
+MEMORY_LIMIT_GIB = 12.0  # CPU: each cell's address space; 35M's original attention at 2,048 holds 5.3 GiB
 
 
 def build_lm(n_layers: int, d: int, heads: int, device: torch.device, seed: int):
     import esm
+
+    from esmfold_peft.adapters import LoRTAConfig, add_adapter
 
     torch.manual_seed(seed)
     model = esm.model.esm2.ESM2(num_layers=n_layers, embed_dim=d, attention_heads=heads).to(device)
@@ -61,6 +75,8 @@ def random_tokens(model, length: int, device: torch.device, seed: int) -> torch.
 
 def make_steps(model, inputs: dict, device: torch.device, bf16: bool):
     """{variant: one forward + backward}; each switches the model's attention first (a dict lookup per layer)."""
+    from esmfold_peft.fold.esm_attention import disable_sdpa, enable_sdpa
+
     last = model.num_layers
     switch = {"original": disable_sdpa, "sdpa": enable_sdpa}
     final = {}
@@ -68,66 +84,138 @@ def make_steps(model, inputs: dict, device: torch.device, bf16: bool):
     def step(name):
         def run():
             switch[name](model)
-            with autocast(device, bf16):
-                rep = model(inputs["tokens"], repr_layers=[last])["representations"][last]
-            rep.float().mean().backward()
-            final[name] = rep.detach()
-            for p in model.parameters():
-                p.grad = None
+            try:
+                with autocast(device, bf16):
+                    rep = model(inputs["tokens"], repr_layers=[last])["representations"][last]
+                rep.float().mean().backward()
+                final[name] = rep.detach()
+            finally:
+                for p in model.parameters():
+                    p.grad = None
         return run
 
     return {name: step(name) for name in VARIANTS}, final
 
 
-def run_length(model, length, device, args, conf, bf16) -> dict:
-    inputs = {"tokens": random_tokens(model, length, device, args.seed)}
+# --- one cell, in its own process --------------------------------------------------------------------
+
+def run_cell(spec: dict) -> dict:
+    """Build the shape at spec['layers'] layers, then time and measure both variants at spec['length'].
+
+    The first warm-up step of each variant doubles as a probe: a variant that runs out of memory there is
+    recorded as such and the other variant is measured alone."""
+    from esmfold_peft.fold.predict import is_out_of_memory  # now: importing after a failure may itself fail
+
+    device, conf, bf16, length = torch.device(spec["device"]), spec["conf"], spec["bf16"], spec["length"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = build_lm(spec["layers"], spec["d_model"], spec["heads"], device, spec["seed"])
+    inputs = {"tokens": random_tokens(model, length, device, spec["seed"])}
     steps, final = make_steps(model, inputs, device, bf16)
-    times = interleaved(steps, conf["repeats"], conf["steps"], device, warmup=conf["warmup"], seed=args.seed)
+    out = {"tokens": length, "status": "ok", "variants": {}}
+    for name in VARIANTS:  # probe = first warm-up step
+        try:
+            steps[name]()
+        except Exception as exc:  # an allocation beyond the limit is a result
+            if not is_out_of_memory(exc):
+                raise
+            out["variants"][name] = {"status": "out_of_memory", "error": str(exc).splitlines()[0][:300]}
+            final.pop(name, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ok = {name: fn for name, fn in steps.items() if name not in out["variants"]}
+    if len(ok) < len(VARIANTS):
+        out["status"] = "out_of_memory" if not ok else "partial"
+    if not ok:
+        return out
+    times = interleaved(ok, conf["repeats"], conf["steps"], device, warmup=conf["warmup"] - 1, seed=spec["seed"])
     resident = resident_bytes(model, inputs["tokens"])
-    memory = {name: peak_memory(fn, device, lambda: resident) for name, fn in steps.items()}
-    diff = (final["sdpa"].float() - final["original"].float()).abs().max().item()
-    out = {"tokens": length, "resident_bytes": resident, "max_abs_diff_final_representation": diff, "variants": {}}
-    for name in VARIANTS:
-        out["variants"][name] = {"seconds_per_step": summary(times[name]),
+    out["resident_bytes"] = resident
+    for name, fn in ok.items():
+        peak = peak_memory(fn, device, lambda: resident)
+        out["variants"][name] = {"status": "ok", "seconds_per_step": summary(times[name]),
                                  "wall_seconds_per_step": summary(times[name + "@wall"]),
-                                 "peak_bytes": memory[name], "transient_bytes": memory[name] - resident}
-    v = out["variants"]
-    out["ratios"] = {"sdpa/original time": ratio_summary(times["sdpa"], times["original"]),
-                     "sdpa/original peak memory": v["sdpa"]["peak_bytes"] / v["original"]["peak_bytes"],
-                     "sdpa/original transient memory": (v["sdpa"]["transient_bytes"] / v["original"]["transient_bytes"]
-                                                        if v["original"]["transient_bytes"] > 0 else None)}
-    print(f"  L={length}: time sdpa/original {out['ratios']['sdpa/original time']['median']:.3f}, transient memory "
-          f"{fmt_mib(v['original']['transient_bytes'])} -> {fmt_mib(v['sdpa']['transient_bytes'])} MiB, "
-          f"max |diff| {diff:.2e}", flush=True)
+                                 "peak_bytes": peak, "transient_bytes": peak - resident}
+    if len(ok) == len(VARIANTS):
+        v = out["variants"]
+        out["max_abs_diff_final_representation"] = (final["sdpa"].float() - final["original"].float()).abs().max().item()
+        out["ratios"] = {"sdpa/original time": ratio_summary(times["sdpa"], times["original"]),
+                         "sdpa/original peak memory": v["sdpa"]["peak_bytes"] / v["original"]["peak_bytes"],
+                         "sdpa/original transient memory": (v["sdpa"]["transient_bytes"] / v["original"]["transient_bytes"]
+                                                            if v["original"]["transient_bytes"] > 0 else None)}
     return out
 
 
-def run_shape(label, dims, lengths, device, args, conf, bf16) -> dict:
-    layers, d, heads = dims
-    layers = args.layers or layers
-    print(f"shape {label}: {layers} layers, d={d}, heads={heads}, LoRTA r={RANK}, batch 1, lengths "
-          f"{', '.join(map(str, lengths))}", flush=True)
-    model = build_lm(layers, d, heads, device, args.seed)
-    per_length = {str(L): run_length(model, L, device, args, conf, bf16) for L in lengths}
-    del model
-    return {"shape": label, "d_model": d, "heads": heads, "layers": layers, "layers_full": dims[0], "batch": 1,
-            "bf16": bf16, "lengths": per_length}
+# --- the parent: one process per cell ----------------------------------------------------------------
+
+def plan(args, kind: str) -> list:
+    """[(shape label, (layers_full, d, heads), layers run, lengths)] for this run."""
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.shapes:
+        names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        unknown = [s for s in names if s not in shapes]
+        if unknown:
+            raise UserError(f"--shapes {args.shapes!r}: unknown shape(s) {', '.join(unknown)}; choose from "
+                            f"{', '.join(shapes)}")
+        shapes = {k: shapes[k] for k in names}
+    lengths = parse_lengths(args.lengths) if args.lengths else None
+    groups = []
+    for label, (dims, per_kind) in shapes.items():
+        layer_groups = per_kind[kind]
+        if args.layers:  # one layer count, every length the shape had (or --lengths)
+            layer_groups = {args.layers: tuple(sorted({L for ls in layer_groups.values() for L in ls}))}
+        for layers, ls in layer_groups.items():
+            groups.append((label, dims, layers, lengths or ls))
+    return groups
 
 
-def tables(results, device, conf) -> list:
+def _describe(cell: dict) -> str:
+    if cell["status"] in ("timed_out", "failed"):
+        return f"{cell['status']}: {cell.get('error', '')[:200]}"
+    v = cell["variants"]
+    parts = [f"{n} " + (f"{x['seconds_per_step']['median']:.2f} s, {fmt_mib(x['transient_bytes'])} MiB activations"
+                        if x["status"] == "ok" else x["status"].replace("_", " ")) for n, x in v.items()]
+    return "; ".join(parts) + f" ({cell['process_seconds']} s with build)"
+
+
+def _cell_columns(m: dict, limit_gib: float) -> list:
+    """The table's columns after shape, layers and length for one cell."""
+    if m["status"] in ("timed_out", "failed") or (m["status"] == "out_of_memory" and not m.get("variants")):
+        what = {"timed_out": "timed out", "failed": "failed", "out_of_memory": "out of memory"}[m["status"]]
+        return [what] + ["–"] * 9
+    oom = f"out of memory (> {limit_gib:g} GiB)" if limit_gib > 0 else "out of memory"
+    o, s, q = m["variants"]["original"], m["variants"]["sdpa"], m.get("ratios")
+
+    def col(x, fmt, key):
+        return fmt(x[key]) if x["status"] == "ok" else (oom if key == "seconds_per_step" else "–")
+
+    tq = q and q["sdpa/original transient memory"]
+    return [col(o, fmt_ms, "seconds_per_step"), col(s, fmt_ms, "seconds_per_step"),
+            fmt_ratio(q["sdpa/original time"]) if q else "–",
+            col(o, fmt_mib, "peak_bytes"), col(s, fmt_mib, "peak_bytes"),
+            f"{q['sdpa/original peak memory']:.3f}" if q else "–",
+            col(o, fmt_mib, "transient_bytes"), col(s, fmt_mib, "transient_bytes"),
+            f"{tq:.3f}" if tq else "–",
+            f"{m['max_abs_diff_final_representation']:.1e}" if q else "–"]
+
+
+def tables(results, device, conf, limit_gib: float) -> list:
     rows = []
     for r in results:
         for length, m in r["lengths"].items():
-            o, s, q = m["variants"]["original"], m["variants"]["sdpa"], m["ratios"]
-            tq = q["sdpa/original transient memory"]
-            rows.append([r["shape"], f"{r['layers']}/{r['layers_full']} × {r['d_model']}, {r['heads']}h", length,
-                         fmt_ms(o["seconds_per_step"]), fmt_ms(s["seconds_per_step"]),
-                         fmt_ratio(q["sdpa/original time"]), fmt_mib(o["peak_bytes"]), fmt_mib(s["peak_bytes"]),
-                         f"{q['sdpa/original peak memory']:.3f}", fmt_mib(o["transient_bytes"]),
-                         fmt_mib(s["transient_bytes"]), "–" if tq is None else f"{tq:.3f}",
-                         f"{m['max_abs_diff_final_representation']:.1e}"])
+            rows.append([r["shape"], f"{r['layers']}/{r['layers_full']} × {r['d_model']}, {r['heads']}h", length]
+                        + _cell_columns(m, limit_gib))
     mem_kind = "max_memory_allocated" if device.type == "cuda" else "live tensor bytes (dispatch-mode tracker)"
     prec = "bf16 autocast" if results and results[0]["bf16"] else "float32"
+    partial = [f"{r['shape']} at {r['layers']}/{r['layers_full']} layers" for r in results
+               if r["layers"] < r["layers_full"]]
+    depth = (f" {', '.join(partial)}: the model keeps only those layers. Every layer has the same shape, so per "
+             "layer the activations and time are the full model's; the totals also hold a part that does not grow "
+             "with the layer count (embedding, head, the backward's own buffers), which the full model spreads "
+             "over all its layers, so these rows' SDPA/original ratios understate the per-layer saving (compare "
+             "the same shape's full-depth row)." if partial else "")
+    limit = (f" Each cell runs in a fresh process limited to {limit_gib:g} GiB of address space; a variant that "
+             "needs more is shown as out of memory." if limit_gib > 0 else " Each cell runs in a fresh process.")
     return [{"title": f"ESM-2 attention, SDPA vs fair-esm: forward + backward with LoRTA r={RANK}, batch 1",
              "columns": ["shape", "layers × width, heads", "length", "original ms/step", "SDPA ms/step",
                          "SDPA/original time", "original peak MiB", "SDPA peak MiB", "SDPA/original peak",
@@ -139,18 +227,26 @@ def tables(results, device, conf) -> list:
                        f"ratios. Peak memory: {mem_kind}, one step = weights, adapter and input (resident) + "
                        "the highest amount allocated during the step (activations); the resident part is the "
                        "same for both variants. Random weights; max abs Δ: the two variants' final "
-                       "representations."]}]
+                       "representations." + limit + depth]}]
 
 
-def main() -> None:
+def _main(argv=None) -> int:
+    if child_main(run_cell):  # a cell, in its own process (bench/common.py)
+        return 0
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", default="", help="comma-separated subset of " + ", ".join(SHAPES))
     p.add_argument("--lengths", default="", help="comma-separated lengths for every shape (default: per shape)")
-    p.add_argument("--layers", type=int, default=0, help="layers of every shape (0: the architecture's)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="layers of every shape, at every length it has (0: the device's default per shape)")
     p.add_argument("--steps", type=int, default=0, help="steps per timed measurement (0: the device's default)")
-    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps per variant, at least 1 (0: default)")
     p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA too")
-    args = p.parse_args()
+    p.add_argument("--memory-limit-gib", type=float, default=MEMORY_LIMIT_GIB,
+                   help=f"address-space limit of each cell's process on CPU (0: none; default {MEMORY_LIMIT_GIB:g})")
+    p.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds before a cell is given up")
+    args = p.parse_args(argv)
+    if min(args.layers, args.repeats, args.steps, args.warmup) < 0:
+        raise UserError("--layers, --repeats, --steps and --warmup take whole numbers ≥ 0 (0: the default)")
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
@@ -159,18 +255,37 @@ def main() -> None:
     for k in ("repeats", "steps", "warmup"):
         if getattr(args, k):
             conf[k] = getattr(args, k)
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    if args.shapes:
-        shapes = {k: shapes[k] for k in args.shapes.split(",")}
+    groups = plan(args, kind)
     bf16 = kind == "cuda" and not args.no_bf16
+    limit = 0.0 if kind == "cuda" else args.memory_limit_gib  # the GPU's memory is its own limit
     results = []
-    for label, (dims, lengths) in shapes.items():
-        ls = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else lengths[kind]
-        results.append(run_shape(label, dims, ls, device, args, conf, bf16))
+    for label, (layers_full, d, heads), layers, lengths in groups:
+        print(f"shape {label}: {layers}/{layers_full} layers, d={d}, heads={heads}, LoRTA r={RANK}, batch 1, "
+              f"lengths {', '.join(map(str, lengths))}", flush=True)
+        per_length = {}
+        for length in lengths:
+            spec = dict(shape=label, layers=layers, d_model=d, heads=heads, length=length, conf=conf, bf16=bf16,
+                        seed=args.seed, device=str(device), memory_limit_gib=limit, threads=torch.get_num_threads())
+            cell = run_child(Path(__file__), spec, args.cell_timeout, keys=())
+            cell.setdefault("tokens", length)
+            per_length[str(length)] = cell
+            q = cell.get("ratios")
+            print(f"  L={length}: {_describe(cell)}" + (
+                f"; SDPA/original time {q['sdpa/original time']['median']:.3f}, activations "
+                f"{q['sdpa/original transient memory']:.3f}, max |diff| "
+                f"{cell['max_abs_diff_final_representation']:.2e}" if q else ""), flush=True)
+        results.append({"shape": label, "d_model": d, "heads": heads, "layers": layers, "layers_full": layers_full,
+                        "batch": 1, "bf16": bf16, "lengths": per_length})
     finish("esm_attention", args, device, started, load_before,
-           {"config": {**conf, "rank": RANK, "layers_override": args.layers or None}, "results": results,
-            "tables": tables(results, device, conf)})
+           {"config": {**conf, "rank": RANK, "layers_override": args.layers or None, "memory_limit_gib": limit,
+                       "cell_timeout_s": args.cell_timeout, "clock": clock_for(device)},
+            "results": results, "tables": tables(results, device, conf, limit)})
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,10 +43,7 @@ peak memory is the full model's, the time is measured for one block and reported
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -54,8 +51,11 @@ from pathlib import Path
 
 import torch
 
-from common import (MiB, ROOT, TensorMemoryTracker, base_parser, clock_for, finish, load_average, merge_random_adapter,
-                    pick_device, resident_bytes, set_threads, synchronize)
+from common import (GiB, MiB, TensorMemoryTracker, base_parser, child_main, clock_for, finish, load_average,
+                    merge_random_adapter, parse_lengths, pick_device, resident_bytes, run_child, set_threads,
+                    synchronize)
+from esmfold_peft.runtime.cli import run_main
+from esmfold_peft.runtime.errors import UserError
 
 VARIANTS = {  # name -> (trunk chunk size, LM SDPA, LM storage dtype)
     "none": (None, False, "float32"),
@@ -75,7 +75,6 @@ DEFAULTS = {"cpu": dict(grid={256: ALL, 512: ("none", "chunk 64", "all"), 1024: 
                         recycles=0),
             "cuda": dict(grid={L: ALL for L in (256, 512, 1024, 2048)}, blocks_run=0, recycles=0)}
 SMOKE = dict(grid={16: ("none", "all")}, blocks_run=0, recycles=0)
-GiB = 2 ** 30
 
 
 # --- one cell, in its own process --------------------------------------------------------------------
@@ -216,46 +215,6 @@ def run_cell(spec: dict) -> dict:
     return out
 
 
-def child_main(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    if spec["memory_limit_gib"] > 0:
-        cap = int(spec["memory_limit_gib"] * GiB)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    if spec["threads"] > 0:
-        torch.set_num_threads(spec["threads"])
-    result = run_cell(spec)
-    Path(spec["result_file"]).write_text(json.dumps(result))
-
-
-# --- the parent: one process per cell ------------------------------------------------------------------
-
-def run_in_child(spec: dict, timeout: float) -> dict:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = dict(spec, result_file=str(Path(tmp) / "result.json"))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        except subprocess.TimeoutExpired:
-            return {"variant": spec["variant"], "length": spec["length"], "status": "timed_out",
-                    "error": f"no result within {timeout:.0f} s", "process_seconds": round(time.time() - t0, 1)}
-        result_file = Path(spec["result_file"])
-        if proc.returncode == 0 and result_file.is_file():
-            result = json.loads(result_file.read_text())
-        else:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            oom = any(w in " ".join(tail).lower() for w in ("can't allocate memory", "cannot allocate memory",
-                                                            "out of memory", "memoryerror", "bad_alloc"))
-            result = {"variant": spec["variant"], "length": spec["length"],
-                      "status": "out_of_memory" if oom else "failed", "returncode": proc.returncode,
-                      "error": " | ".join(tail)[-600:]}
-        result["process_seconds"] = round(time.time() - t0, 1)
-        return result
-
-
 def _gib(b) -> str:
     return "–" if b is None else f"{b / GiB:.2f}"
 
@@ -329,10 +288,9 @@ def tables(r) -> list:
     return [t1, t2, t3]
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child_main(sys.argv[2])
-        return
+def _main(argv=None) -> int:
+    if child_main(run_cell):  # a cell, in its own process (bench/common.py)
+        return 0
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--lengths", default="", help="comma-separated lengths (default 256,512,1024)")
     p.add_argument("--variants", default="", help="comma-separated subset of: " + ", ".join(VARIANTS))
@@ -342,7 +300,7 @@ def main() -> None:
     p.add_argument("--memory-limit-gib", type=float, default=16.0,
                    help="address-space limit of each cell's process (0: none)")
     p.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds before a cell is given up")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
@@ -351,9 +309,9 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        raise UserError(f"--variants: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.lengths or variants:  # the full product of what was asked for
-        lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else tuple(grid)
+        lengths = parse_lengths(args.lengths) if args.lengths else tuple(grid)
         grid = {L: tuple(variants or ALL) for L in lengths}
     if args.blocks_run >= 0:
         conf["blocks_run"] = args.blocks_run
@@ -373,7 +331,7 @@ def main() -> None:
             spec = dict(variant=v, length=length, smoke=args.smoke, seed=args.seed, device=device.type,
                         blocks_run=conf["blocks_run"], recycles=conf["recycles"], memory_limit_gib=limit,
                         threads=torch.get_num_threads())
-            c = run_in_child(spec, args.cell_timeout)
+            c = run_child(Path(__file__), spec, args.cell_timeout, keys=("variant", "length"))
             cells.append(c)
             if c["status"] == "ok":
                 print(f"  L={length} {v}: peak tensor {c['peak_tensor_bytes'] / MiB:,.0f} MiB, peak RSS "
@@ -395,8 +353,16 @@ def main() -> None:
                         "c_s": cfg.model.trunk.sequence_state_dim, "c_z": cfg.model.trunk.pairwise_state_dim},
               "cells": cells, "target": target}
     result["tables"] = tables(result)
-    finish("predict_memory", args, device, started, load_before, result)
+    # on CPU the default runs 1 block; a run of every block checks that estimate and is kept beside it
+    full_depth_on_cpu = device.type == "cpu" and not args.smoke and conf["blocks_run"] in (0, cfg.model.trunk.num_blocks)
+    finish("predict_memory_full_depth" if full_depth_on_cpu else "predict_memory", args, device, started, load_before,
+           result)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

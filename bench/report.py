@@ -10,13 +10,15 @@ says whether a target was met, it reads that from the same JSON.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
 from common import BENCH_DIR, ROOT, markdown_table
 
 BENCHMARKS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput",
-              "esm_attention", "predict_memory", "gpu_suite")
+              "esm_attention", "predict_memory", "predict_memory_full_depth", "gpu_suite",
+              "nlp_adapter_step", "nlp_dpo_reference", "compile_step")
 TARGET_SHAPES = ("650M", "3B")
 MiB = 2 ** 20
 
@@ -208,21 +210,57 @@ def read_predict(d: dict) -> tuple[list, str]:
 
 
 def read_esm_attention(d: dict) -> tuple[list, str]:
-    targets, parts = [], []
+    targets, parts, missing = [], [], []
     for r in d["results"]:
-        longest = list(r["lengths"])[-1]
-        q = r["lengths"][longest]["ratios"]["sdpa/original transient memory"]
-        targets.append([f"SDPA/original activation memory, {r['shape']} shape, L={longest}", "< 1",
-                        f"{q:.3f}", "met" if q < 1 else "missed"])
-        parts.append(f"{r['shape']}: " + ", ".join(
+        label = r["shape"] + ("" if r["layers"] == r["layers_full"] else f" at {r['layers']}/{r['layers_full']} layers")
+        both = {L: m for L, m in r["lengths"].items() if m.get("ratios")}
+        for L, m in r["lengths"].items():
+            if not m.get("ratios"):
+                gone = [n for n, v in m.get("variants", {}).items() if v["status"] != "ok"]
+                missing.append(f"{label}, L={L}: " + (", ".join(gone) + " out of memory" if gone
+                                                     else m["status"].replace("_", " ")))
+        if not both:
+            continue
+        longest = list(both)[-1]
+        q = both[longest]["ratios"]["sdpa/original transient memory"]
+        targets.append([f"SDPA/original activation memory, {label}, L={longest}", "< 1",
+                        "–" if q is None else f"{q:.3f}", "met" if q is not None and q < 1 else "missed"])
+        parts.append(f"{label}: " + ", ".join(
             f"L={L} time {_r(m['ratios']['sdpa/original time'])}, activations "
-            f"{m['ratios']['sdpa/original transient memory']:.2f}" for L, m in r["lengths"].items()))
-    diff = max(m["max_abs_diff_final_representation"] for r in d["results"] for m in r["lengths"].values())
+            + ("–" if m["ratios"]["sdpa/original transient memory"] is None
+               else f"{m['ratios']['sdpa/original transient memory']:.2f}") for L, m in both.items()))
+    diffs = [m["max_abs_diff_final_representation"] for r in d["results"] for m in r["lengths"].values()
+             if m.get("ratios")]
+    per_layer = []  # the same shape and length at two depths: the difference is (layers apart) × one layer
+    for lo in d["results"]:
+        for hi in d["results"]:
+            if lo["shape"] != hi["shape"] or lo["layers"] >= hi["layers"]:
+                continue
+            for L in set(lo["lengths"]) & set(hi["lengths"]):
+                a, b = lo["lengths"][L], hi["lengths"][L]
+                if not (a.get("ratios") and b.get("ratios")):
+                    continue
+                n = hi["layers"] - lo["layers"]
+                act = {v: (b["variants"][v]["transient_bytes"] - a["variants"][v]["transient_bytes"]) / n
+                       for v in ("original", "sdpa")}
+                sec = {v: (b["variants"][v]["seconds_per_step"]["median"]
+                           - a["variants"][v]["seconds_per_step"]["median"]) / n for v in ("original", "sdpa")}
+                if act["original"] > 0 and sec["original"] > 0:
+                    per_layer.append(
+                        f"{lo['shape']} at L={L}, from its {lo['layers']}- and {hi['layers']}-layer rows: activations "
+                        f"{_mib(act['original'])} → {_mib(act['sdpa'])} ({act['sdpa'] / act['original']:.2f}), time "
+                        f"{sec['original'] * 1e3:.0f} → {sec['sdpa'] * 1e3:.0f} ms ({sec['sdpa'] / sec['original']:.2f}; "
+                        "medians of separate runs)")
     return targets, (
         "fair-esm's attention keeps, in every layer, the scores and probabilities ((heads·L)×L each) for backward; "
         "SDPA keeps O(L) per head. The activations saved therefore grow with L², and SDPA/original falls with "
-        "length (the rest of a layer's activations grow with L only). SDPA/original: " + "; ".join(parts)
-        + f". Both variants compute the same function (largest difference in the final representations {diff:.1e}).")
+        "length (the rest of a layer's activations grow with L only). SDPA/original: " + ("; ".join(parts) or "–")
+        + "." + (f" Per layer (difference of two depths ÷ the layers between them): {'; '.join(per_layer)}; a run "
+                 "with fewer layers than the model also counts, in both variants, a part that does not grow with "
+                 "depth, so its ratios understate the per-layer saving." if per_layer else "")
+        + (f" Not measured: {'; '.join(missing)}." if missing else "")
+        + (f" Both variants compute the same function (largest difference in the final representations "
+           f"{max(diffs):.1e})." if diffs else ""))
 
 
 def read_predict_memory(d: dict) -> tuple[list, str]:
@@ -256,6 +294,64 @@ def read_predict_memory(d: dict) -> tuple[list, str]:
         + ". " + (("Did not fit: " + "; ".join(failed) + ".") if failed else "Every cell fit.") + depth)
 
 
+def read_predict_memory_full_depth(d: dict, siblings: dict) -> tuple[list, str]:
+    """Section 6b: predict_memory.py with every trunk block run (`--blocks-run 0`) against section 6's
+    estimate from one block. Shows its own comparison table in place of the run's tables (which repeat
+    section 6's layout); renders whatever cells the run has."""
+    one = siblings.get("predict_memory")  # the same machine's section 6 run
+    est = {(c["length"], c["variant"]): c for c in (one["cells"] if one else ()) if c["status"] == "ok"}
+    one_k = one and (one["config"]["blocks_run"] or one["model"]["trunk_blocks"])
+    gib = 2 ** 30
+    rows, ratios, peaks, spreads = [], [], [], []
+    for c in d["cells"]:
+        e = est.get((c["length"], c["variant"]))
+        if c["status"] != "ok":
+            rows.append([c["length"], c["variant"], c["status"].replace("_", " ")] + ["–"] * 6)
+            continue
+        b = c.get("block_seconds") or []
+        full = c["seconds"]
+        r = full / e["seconds_full_depth_estimate"] if e else None
+        pk = c["peak_tensor_bytes"] / e["peak_tensor_bytes"] if e else None
+        if r is not None:
+            ratios.append(f"{r:.2f} at {c['length']}")
+            peaks.append(pk)
+        if b:
+            spreads.append(f"{min(b):.1f}–{max(b):.1f} s at {c['length']}")
+        rows.append([c["length"], c["variant"], f"{full:.0f}",
+                     f"{min(b):.1f}–{max(b):.1f}" if b else "–",
+                     f"{e['seconds_full_depth_estimate']:.0f}" if e else "–",
+                     "–" if r is None else f"{r:.2f}",
+                     f"{c['peak_tensor_bytes'] / gib:.2f}" + (f" / {e['peak_tensor_bytes'] / gib:.2f}" if e else ""),
+                     f"{c['peak_rss_bytes'] / gib:.2f}" + (f" / {e['peak_rss_bytes'] / gib:.2f}" if e else ""),
+                     "–" if pk is None else f"{pk:.3f}"])
+    blocks = d["model"]["trunk_blocks"]
+    clock = "process CPU seconds (one thread)" if d.get("clock") == "cpu" else "wall seconds"
+    d["tables"] = [{  # in place of the run's own tables
+        "title": f"Prediction at full depth: all {blocks} trunk blocks run, against section 6's estimate "
+                 f"({one_k or '–'} block(s) run)",
+        "columns": ["length", "savings", f"s, {blocks} blocks measured", "s per block, min–max", f"s, {blocks} blocks, section 6 est.",
+                    "measured / estimate", "peak tensor GiB, full / sec. 6", "peak RSS GiB, full / sec. 6",
+                    "peak tensor full / sec. 6"],
+        "rows": rows or [["–"] * 9],
+        "notes": [f"One prediction per cell in a fresh process, as section 6 ({d['config']['recycles']} recycles, "
+                  f"{d['config']['memory_limit_gib']:g} GiB address-space limit); seconds: {clock}, one call each, "
+                  "with the memory tracker's per-op cost. Section 6's estimate = its measured call with "
+                  f"{one_k or '–'} block(s) + the remaining blocks × the run block's time, from a different run "
+                  "(another process, at another time on the shared machine)."]}]
+    if not d["cells"] or one is None:
+        return [], ("All trunk blocks run." + ("" if one else " No section 6 run on this machine to compare with."))
+    text = (f"Section 6 runs {one_k} of the {blocks} trunk blocks and reports the full-depth time as an estimate; "
+            f"here all {blocks} run. Measured / estimate: {', '.join(ratios) or '–'}.")
+    if spreads:
+        text += (f" The estimate assumes every block costs what the first does (the same shapes in each); the "
+                 f"blocks' own times span {'; '.join(spreads)}.")
+    if peaks:
+        span = f"{min(peaks):.3f}" + ("" if f"{min(peaks):.3f}" == f"{max(peaks):.3f}" else f"–{max(peaks):.3f}")
+        text += (f" Peak tensor bytes full depth / section 6: {span} (each block frees "
+                 "the previous one's activations, so the peak is reached inside one block).")
+    return [], text
+
+
 def read_gpu_suite(d: dict) -> tuple[list, str]:
     targets, parts = [], []
     if "lm" in d:
@@ -283,6 +379,167 @@ def read_gpu_suite(d: dict) -> tuple[list, str]:
     return targets, " ".join(parts)
 
 
+def _span(values, digits: int = 2) -> str:
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _verdict_near(s: dict, target: float = 1.0, tolerance: float = 0.05) -> str:
+    if abs(s["median"] - target) <= tolerance:
+        return "met"
+    if s["min"] <= target + tolerance and s["max"] >= target - tolerance:
+        return "not resolved (median outside, spread reaches the band)"
+    return "missed"
+
+
+def _worst(verdicts) -> str:
+    for v in verdicts:
+        if v == "missed":
+            return v
+    return next((v for v in verdicts if v != "met"), "met")
+
+
+def read_nlp_adapter_step(d: dict) -> tuple[list, str]:
+    res, ranks = d["results"], d["ranks"]
+    adapted = [v for r in res for n, v in r["variants"].items() if n != "floor"]
+    lines = [
+        "*Time.* An adapted step adds the backward pass through the frozen model (input gradients) and the "
+        "adapter's thin products to the floor's forward pass, so every adapted variant costs "
+        f"{_span([v['vs_floor']['median'] for v in adapted])}× the floor ("
+        + "; ".join(f"{r['shape']} {r['layers']}/{r['layers_full']} layers at {r['batch']}×{r['length']} tokens, "
+                    f"{r['attention']} attention" for r in res) + ")."]
+    if not d.get("peft"):
+        lines.append("PEFT was not run (--no-peft), so this run has no comparison.")
+        return [], "\n\n".join(lines)
+    targets = []
+    for method, aim, verdict in (("LoRTA", "≤ 1", _verdict_le), ("LoRA", "≈ 1 (within 0.05)", _verdict_near)):
+        for r in res:
+            qs = [r["ratios"][f"ours {method}/PEFT LoRA r={k} time"] for k in ranks]
+            targets.append([f"ours {method} / PEFT LoRA step time, {r['shape']}", aim,
+                            "; ".join(f"r={k} {_r(q)}" for k, q in zip(ranks, qs)), _worst([verdict(q) for q in qs])])
+
+    def ratios(method, what):
+        return [r["ratios"][f"ours {method}/PEFT LoRA r={k} {what}"] for r in res for k in ranks]
+
+    times = ratios("LoRA", "time") + ratios("LoRTA", "time")
+    near = all(abs(q["median"] - 1) <= 0.1 for q in times)
+    lines.append(
+        "Ours against PEFT at equal rank, step time (medians of per-round ratios over the shapes and ranks): "
+        f"LoRA {_span([q['median'] for q in ratios('LoRA', 'time')], 3)}, "
+        f"LoRTA {_span([q['median'] for q in ratios('LoRTA', 'time')], 3)}; single rounds range from "
+        f"{min(q['min'] for q in times):.3f} to {max(q['max'] for q in times):.3f}"
+        + (", so this run cannot tell apart differences of a few percent" if near else "")
+        + f"; {sum(q['min'] <= 1 <= q['max'] for q in times)} of the {len(times)} cells have rounds on both sides "
+        "of 1. Both LoRAs run the same two thin products per projection, x Aᵀ and a product with Bᵀ, beside the "
+        "frozen model's products: ours adds Δy in a forward hook on the frozen Linear and scales the r×out "
+        "factor; PEFT's wrapper module calls the Linear and two adapter Linears and multiplies the N×out product "
+        "by alpha/r (at scale 1 too). LoRTA runs fewer thin products per layer than LoRA (x A is shared by q, k "
+        "and v) plus a few tiny ops that form its per-call factors (section 1b).")
+    mem = {m: [q for q in ratios(m, "memory above floor") if q is not None] for m in ("LoRA", "LoRTA")}
+    big = max(res, key=lambda r: r["variants"]["floor"]["peak_bytes"])
+    above = [v["above_floor_bytes"] for n, v in big["variants"].items() if n != "floor"]
+    top = max(ranks)
+    bv = big["variants"]
+    lora_extra = bv[f"ours LoRA r={top}"]["above_floor_bytes"] - bv[f"PEFT LoRA r={top}"]["above_floor_bytes"]
+    kv = big["kv_heads"] * big["d_model"] // big["heads"]
+    b_bytes = top * (2 * big["d_model"] + 2 * kv) * big["layers"] * 4  # Bᵀ of q, k, v, o in float32
+    lorta_less = bv[f"PEFT LoRA r={top}"]["above_floor_bytes"] - bv[f"ours LoRTA r={top}"]["above_floor_bytes"]
+    lines.append(
+        "*Memory.* Above the floor every variant keeps what backward needs, the activations of every layer "
+        f"({_span([a / MiB for a in above], 1)} MiB on {big['shape']}), plus its own parameters, gradients and "
+        f"Adam state. Ours / PEFT memory above the floor: LoRA {_span(mem['LoRA'], 3)}, LoRTA "
+        f"{_span(mem['LoRTA'], 3)} over the shapes and ranks. On {big['shape']} at r={top} our LoRA keeps "
+        f"{_mib(lora_extra)} more than PEFT's, "
+        + ("the size of" if abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "against")
+        + f" the scaled copies of Bᵀ that our LoRA multiplies with and autograd keeps for backward "
+        f"({_mib(b_bytes)}; PEFT scales the product instead, which keeps nothing). Our LoRTA keeps "
+        f"{_mib(lorta_less)} less than PEFT's LoRA: {bv[f'ours LoRTA r={top}']['trainable_parameters']:,} "
+        f"parameters against {bv[f'PEFT LoRA r={top}']['trainable_parameters']:,}, each with a gradient and two "
+        "Adam moments.")
+    worst = max(res, key=lambda r: r["parity"]["max_abs_diff_ours_vs_peft"])
+    p = worst["parity"]
+    moved = _span([r["parity"]["max_abs_change_from_frozen"] for r in res], 1)
+    lines.append(
+        "*Parity.* With the same factor values our LoRA and PEFT's compute the same function: "
+        + ("their last hidden states are identical on every shape" if p["max_abs_diff_ours_vs_peft"] == 0 else
+           f"the largest difference of the last hidden states is {p['max_abs_diff_ours_vs_peft']:.1e} "
+           f"({worst['shape']})")
+        + f", while the adapter moves them by up to {moved} from the frozen model's. "
+        f"peft {d['peft']}, transformers {d['transformers']}.")
+    return targets, "\n\n".join(lines)
+
+
+def read_nlp_dpo_reference(d: dict) -> tuple[list, str]:
+    v, m, c = d["variants"], d["memory"], d["checks"]
+    dis, cp, ca = v["adapter disabled"], v["deep copy"], v["cached"]
+    saved = cp["peak_bytes"] - dis["peak_bytes"]
+    exact = c["disabled_adapter_equals_frozen"]
+    targets = [
+        ["DPO reference with the adapter disabled = the frozen model's log-probabilities", "exact",
+         f"max abs difference {c['max_abs_disabled_minus_frozen']:.1e}", "met" if exact else "missed"],
+        ["DPO step peak memory, adapter disabled / deep copy", "< 1",
+         f"{dis['peak_bytes'] / cp['peak_bytes']:.3f} ({_mib(saved)} less)",
+         "met" if dis["peak_bytes"] < cp["peak_bytes"] else "missed"]]
+    text = (
+        f"A separate reference model holds a second set of weights: {_mib(m['base_weight_bytes'])} of tensors here "
+        f"({d['model']}); the deep copy raised the process's resident set size by "
+        f"{_mib(m['deep_copy_rss_bytes'])}. The "
+        f"disabled-adapter reference needs none of it: one DPO step's peak is {_mib(dis['peak_bytes'])} against "
+        f"{_mib(cp['peak_bytes'])} with a copy, and its log-probabilities are "
+        + ("exactly the frozen model's (torch.equal" if exact else "not the frozen model's (")
+        + f", after the adapter moved the policy's by up to {c['max_abs_policy_minus_frozen']:.2f}), because a "
+        "disabled hook returns before computing anything. Its step time is "
+        f"{_r(dis['vs_deep_copy'])} of the copy's: the same forward pass through the same weights. Caching the "
+        "reference log-probabilities before training (the harness's default) takes that forward out of every "
+        f"step: {_r(ca['vs_deep_copy'])} of the copy's step time, for {m['cache_bytes_per_pair']} bytes per pair; a "
+        f"reference forward alone costs {_r(v['reference forward alone']['vs_deep_copy'])} of a step with the copy. "
+        + (f"Caching leaves the peak where it was ({_mib(ca['peak_bytes'])}): the reference forward runs without "
+           "gradient and frees its activations before the policy's forward begins."
+           if abs(ca["peak_bytes"] - dis["peak_bytes"]) <= 0.01 * dis["peak_bytes"] else
+           f"With caching the peak is {_mib(ca['peak_bytes'])}."))
+    return targets, text
+
+def read_compile_step(d: dict) -> tuple[list, str]:
+    targets, parts, amortise = [], [], []
+    for key, label in (("fold", "folding step"), ("lm", "ESM-2 step"), ("predict", "prediction")):
+        if key not in d:
+            continue
+        x = d[key]
+        eager = x["variants"][x["order"][0]]
+        cold = cached = 0.0  # the fold part compiles `both` after `trunk`: its times are the LM's alone
+        for name in x["order"][1:]:
+            v = x["variants"][name]
+            again = v.get("cached_compile_seconds")
+            cold, cached = cold + v["compile_seconds"], cached + (again or 0.0)
+            q = v["vs_eager"]
+            what = f"{label}, {'model.compile=' + name if key != 'lm' else 'layers compiled'}"
+            targets.append([f"compiled / eager time, {what}", "< 1", _r(q), _verdict_le(q)])
+            notes = ([] if again is None else [f"{again:.0f} s from filled caches"]) + \
+                (["the LM's, after the trunk's"] if name == "both" else [])
+            rel = v["max_rel_factor_gradient_difference"]
+            parts.append(f"{what}: {_r(q)} of the eager time, "
+                         + ("–" if v["memory_vs_eager"] is None else f"{v['memory_vs_eager']:.2f}")
+                         + f" of its step memory, compiled in {v['compile_seconds']:.0f} s"
+                         + (f" ({'; '.join(notes)})" if notes else "")
+                         + f"; max |Δ| output {v['max_abs_output_difference']:.1e} (largest value "
+                         f"{v['output_scale']:.1e})"
+                         + ("" if rel is None else f", factor gradients {rel:.1e} relative"))
+            saving = eager["seconds_per_step"]["median"] - v["seconds_per_step"]["median"]
+            if q["median"] < 1 and saving > 0:
+                amortise.append(f"{what} after {cold / saving:,.0f} steps"
+                                + ("" if again is None else f" ({cached / saving:,.0f} with the caches filled)"))
+    clock = "CPU" if d["device"] == "cpu" else "wall"
+    text = ("Each trunk block and each LM layer is compiled on its own; recycling, the structure module, the "
+            "losses and the optimizer stay eager. Compiled against eager on the same weights and input ("
+            f"backend {d['backend']}, compile times in {clock} seconds): " + "; ".join(parts) + ". ")
+    text += (("The per-step saving repays the compile time: " + "; ".join(amortise) + ".") if amortise else
+             "No compiled variant was faster than eager here: on this machine compiling costs its compile time "
+             "and saves nothing.")
+    if d["device"] == "cpu":
+        text += " On GPU the GPU suite's section (e) measures the same switch."
+    return targets, text
+
+
 READERS = {"adapter_step": ("1. Adapter step cost", read_adapter_step),
            "adapter_profile": ("1b. The adapters alone", read_adapter_profile),
            "merged_inference": ("2. Merged inference", read_merged),
@@ -290,7 +547,11 @@ READERS = {"adapter_step": ("1. Adapter step cost", read_adapter_step),
            "predict_throughput": ("4. Prediction throughput", read_predict),
            "esm_attention": ("5. Long sequences: ESM-2 attention through SDPA", read_esm_attention),
            "predict_memory": ("6. Long sequences: prediction memory", read_predict_memory),
-           "gpu_suite": ("7. GPU suite", read_gpu_suite)}
+           "predict_memory_full_depth": ("6b. Prediction at full depth", read_predict_memory_full_depth),
+           "gpu_suite": ("7. GPU suite", read_gpu_suite),
+           "nlp_adapter_step": ("8. NLP adapters against Hugging Face PEFT", read_nlp_adapter_step),
+           "nlp_dpo_reference": ("9. DPO reference: the adapter disabled against a copy", read_nlp_dpo_reference),
+           "compile_step": ("10. torch.compile", read_compile_step)}
 
 
 # --- the file ----------------------------------------------------------------------------------------
@@ -332,7 +593,8 @@ def render_machine(tag: str, run: dict | None, data: dict) -> str:
             continue
         title, reader = READERS[name]
         d = data[name]
-        t, reading = reader(d)
+        # a reader that compares with another benchmark of the same machine takes them all as `siblings`
+        t, reading = reader(d, siblings=data) if "siblings" in inspect.signature(reader).parameters else reader(d)
         targets += t
         body = [f"### {title}", "", f"`{d['command']}` ({d['wall_time_s']:.0f} s)", ""]
         for table in d["tables"]:

@@ -27,7 +27,6 @@ SCRIPTS = (  # (script, extra arguments)
     ("merged_inference.py", ()),
     ("fold_step.py", ()),
     ("predict_throughput.py", ()),
-    ("esm_attention.py", ("--shapes", "35M")),  # 650M adds ~5 min per length on 2 CPU cores
 )
 
 

@@ -57,6 +57,47 @@ def test_adapter_step_covers_every_variant_with_memory(smoke_runs):
     assert result["memory_sweep"]
 
 
+def test_esm_attention_runs_each_cell_in_its_own_limited_process(smoke_runs):
+    folder, _ = smoke_runs
+    data = json.loads((folder / "esm_attention.json").read_text())
+    assert data["config"]["memory_limit_gib"] > 0
+    cells = [m for r in data["results"] for m in r["lengths"].values()]
+    assert cells and all(m["status"] == "ok" and m["process_seconds"] > 0 for m in cells)
+    assert all(v["status"] == "ok" and v["seconds_per_step"]["n"] == data["config"]["repeats"]
+               for m in cells for v in m["variants"].values())
+
+
+def test_esm_attention_records_a_variant_out_of_memory_and_measures_the_other(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import esm_attention
+        from report import read_esm_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    make_steps = esm_attention.make_steps
+
+    def original_runs_out(*args, **kwargs):
+        steps, final = make_steps(*args, **kwargs)
+
+        def oom():
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+        return dict(steps, original=oom), final
+
+    monkeypatch.setattr(esm_attention, "make_steps", original_runs_out)
+    spec = dict(shape="tiny", layers=1, d_model=32, heads=2, length=16, conf=dict(repeats=1, steps=1, warmup=1),
+                bf16=False, seed=0, device="cpu")
+    cell = esm_attention.run_cell(spec)
+    assert cell["status"] == "partial" and "ratios" not in cell
+    assert cell["variants"]["original"]["status"] == "out_of_memory"
+    assert cell["variants"]["sdpa"]["status"] == "ok" and cell["variants"]["sdpa"]["transient_bytes"] > 0
+    result = dict(shape="tiny", d_model=32, heads=2, layers=1, layers_full=1, batch=1, bf16=False,
+                  lengths={"16": cell})
+    (table,) = esm_attention.tables([result], esm_attention.torch.device("cpu"), spec["conf"], 4.0)
+    assert table["rows"][0][3] == "out of memory (> 4 GiB)" and table["rows"][0][4] != "–"
+    targets, reading = read_esm_attention({"results": [result]})
+    assert targets == [] and "tiny, L=16: original out of memory" in reading
+
+
 def test_report_renders_every_section(smoke_runs):
     folder, _ = smoke_runs
     sys.path.insert(0, str(BENCH))
