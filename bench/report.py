@@ -28,14 +28,15 @@ Does LoRTA cost no more than LoRA to train, and nothing at inference? Measured a
 machine, by the scripts in `bench/`; each prints its tables last and writes JSON to
 `bench/results/<machine>/`. These are benchmarks, not timed tests: nothing here fails a build.
 
-**Regenerate everything:** `make bench` (= `.venv/bin/python bench/run_all.py`). It runs the six
-scripts one after the other, each in a fresh process, then rewrites this file from the JSON under
-`bench/results/`. `make bench-memory` (prediction memory at up to 1,024 residues, about 15 minutes)
-and `make bench-gpu` (one H100/H200) write their own JSON beside it. Every section below names the
-command and run that produced its numbers; the file holds no number those runs did not measure.
-`python bench/report.py` re-renders without running.
-On a 2-core CPU machine the whole run stays within 15 minutes by using smaller shapes, which the
-tables state.
+**Regenerate:** `make bench` (= `.venv/bin/python bench/run_all.py`) runs sections 1–4, one script
+after the other, each in a fresh process, then rewrites this file from the JSON under
+`bench/results/`; on a 2-core CPU machine it stays within 15 minutes by using smaller shapes, which
+the tables state. Beside it, each writing its own JSON: `make bench-memory` (section 6, about 15
+minutes), `make bench-long` (sections 5 and 6b, hours on 2 CPU cores), `make bench-nlp` (sections
+8–9; installs `peft` for this benchmark only), `python bench/compile_step.py` (section 10) and
+`make bench-gpu` (section 7, one H100/H200). Every section below names the command and run that
+produced its numbers; the file holds no number those runs did not measure. `python bench/report.py`
+re-renders without running.
 
 ## How it is measured
 
