@@ -19,10 +19,16 @@ Sections (`--sections`, default all):
   ddp      2-process DistributedDataParallel training of paper_d4 + LoRTA r=8 (NCCL) when
            `torch.cuda.device_count() >= 2`: s/step per process against the single-GPU step, and a
            check that both processes hold the same parameters afterwards.
+  compile  whether torch.compile (model.compile) pays: the paper_d4 + LoRTA r=8 training step at crop
+           256 in bf16 with model.compile none / trunk / both, and a 512-residue prediction with the
+           trunk eager / compiled (bench/compile_step.py's fold and predict parts, inductor): s/step,
+           compiled/eager ratio, compile time, memory, max |Δ| against eager. Compile time counts in
+           the suite's wall time.
 
 `--device cpu --smoke` runs every section on tiny shapes in seconds, through the same code (ddp
 with gloo instead of NCCL on CPU; the FLOP count runs, the utilisation is left empty because a CPU
-has no entry in the peak table). Prints its tables last and writes JSON like the CPU benchmarks
+has no entry in the peak table; compile with dynamo's eager backend, which captures the graphs
+without generating code). Prints its tables last and writes JSON like the CPU benchmarks
 (bench/results/<machine>/gpu_suite.json).
 
     python bench/gpu_suite.py --device cuda
@@ -49,7 +55,7 @@ import torch
 from common import (ROOT, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, fmt_s, interleaved, load_average,
                     peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, synchronize)
 
-SECTIONS = ("fold", "lm", "predict", "ddp")
+SECTIONS = ("fold", "lm", "predict", "ddp", "compile")
 # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s; matched on the device
 # name in this order (the first key found in the lower-cased name wins)
 PEAK_BF16_FLOPS = (
@@ -518,6 +524,31 @@ def section_ddp(args, device, smoke: bool, single_step: dict | None) -> dict:
     return result
 
 
+# --- (e) torch.compile -----------------------------------------------------------------------------------
+
+def section_compile(args, device, smoke: bool) -> dict:
+    import compile_step as C
+    from esmfold_peft.fold import build as fold_build
+
+    backend = fold_build.COMPILE_BACKEND = "eager" if smoke else "inductor"
+    bf16 = device.type == "cuda" and not args.no_bf16
+    kind = "cpu" if smoke else device.type
+    fold_conf = dict(C.SMOKE["fold"]) if smoke else dict(C.DEFAULTS["fold"][kind], crop=args.crop or 256)
+    predict_conf = dict(C.SMOKE["predict"]) if smoke else dict(C.DEFAULTS["predict"][kind])
+    predict_conf["recycles"] = args.recycles
+    if args.repeats:
+        fold_conf["repeats"] = predict_conf["repeats"] = args.repeats
+    log(f"[compile] backend {backend}")
+    with warnings.catch_warnings(), C.empty_compile_cache():
+        warnings.filterwarnings("ignore", message="language model .* is RANDOMLY INITIALISED")
+        # compiled once, caches empty (a second compile from filled caches would cost the suite's time budget)
+        fold = C.fold_part(fold_conf, device, bf16, smoke, args.seed, again=False)
+        free_memory(device)
+        predict = C.predict_part(predict_conf, device, smoke, args.seed, again=False)
+    free_memory(device)
+    return {"device": device.type, "backend": backend, "again": False, "fold": fold, "predict": predict}
+
+
 # --- tables ---------------------------------------------------------------------------------------------------
 
 def _gib(b) -> str:
@@ -627,6 +658,10 @@ def tables(r) -> list:
                     "rows": rows,
                     "notes": ["Each process trains on its own example (batch 1 each); the spread must be 0: DDP keeps "
                               "the processes' parameters identical. Efficiency 1 = no communication cost."]})
+    if "compile" in r:
+        import compile_step
+
+        out += compile_step.tables(r["compile"], prefix="GPU suite (e): torch.compile")
     return out
 
 
@@ -666,6 +701,8 @@ def main() -> None:
         elif name == "ddp":
             single = result.get("fold", {}).get("variants", {}).get("lorta r=8", {}).get("seconds_per_step")
             result["ddp"] = section_ddp(args, device, args.smoke, single)
+        elif name == "compile":
+            result["compile"] = section_compile(args, device, args.smoke)
         result["section_seconds"][name] = round(time.time() - t0, 1)
         log(f"[{name}] {result['section_seconds'][name]} s")
     result["tables"] = tables(result)

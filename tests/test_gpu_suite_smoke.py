@@ -2,8 +2,10 @@
 
 The smoke mode is the GPU suite's code on tiny shapes: the folding steps with their FLOP count, the
 ESM-2 adapter steps, prediction against fair-esm's ESMFold.infer on the same weights (with the
-out-of-memory fallback to a chunked trunk, simulated once), and a 2-process DDP run over gloo.
-What it cannot run here: NCCL and the GPU's peak-FLOPS lookup (the utilisation stays empty).
+out-of-memory fallback to a chunked trunk, simulated once), a 2-process DDP run over gloo, and the
+folding step and a prediction with model.compile (dynamo's eager backend: graphs captured, no code
+generated). What it cannot run here: NCCL, inductor's GPU code and the GPU's peak-FLOPS lookup (the
+utilisation stays empty).
 """
 
 import json
@@ -30,9 +32,9 @@ def smoke(tmp_path_factory):
 def test_every_section_ran_and_tables_are_printed_last(smoke):
     data, stdout = smoke
     assert data["benchmark"] == "gpu_suite" and data["smoke"] is True
-    assert data["sections"] == ["fold", "lm", "predict", "ddp"]
+    assert data["sections"] == ["fold", "lm", "predict", "ddp", "compile"]
     assert set(data["section_seconds"]) == set(data["sections"])
-    assert len(data["tables"]) == 5 and all(t["rows"] for t in data["tables"])
+    assert len(data["tables"]) == 7 and all(t["rows"] for t in data["tables"])
     for table in data["tables"]:
         assert f"**{table['title']}**" in stdout
     assert stdout.rstrip().endswith(data["tables"][-1]["notes"][-1])
@@ -89,3 +91,20 @@ def test_ddp_keeps_the_processes_identical(smoke):
     assert ddp["backend"] == "gloo" and ddp["world_size"] == 2
     assert ddp["seconds_per_step"] > 0 and ddp["trainable_parameters"] > 0
     assert ddp["max_parameter_spread_across_processes"] == 0.0
+
+
+def test_compiled_variants_run_the_eager_function(smoke):
+    data, _ = smoke
+    c = data["compile"]
+    assert c["backend"] == "eager"
+    fold, predict = c["fold"], c["predict"]
+    assert fold["order"] == ["none", "trunk", "both"] and predict["order"] == ["none", "trunk"]
+    for part in (fold, predict):
+        for name in part["order"]:
+            v = part["variants"][name]
+            assert v["seconds_per_step"]["n"] == part["config"]["repeats"] and v["step_memory_bytes"] > 0
+            if name != "none":
+                assert v["compile_wall_seconds"] > 0 and v["vs_eager"]["median"] > 0
+                assert v["output_scale"] > 0 and v["max_abs_output_difference"] <= 1e-4 * v["output_scale"]
+    assert fold["variants"]["both"]["max_rel_factor_gradient_difference"] <= 1e-4
+    assert predict["variants"]["trunk"]["max_rel_factor_gradient_difference"] is None  # no gradients in prediction

@@ -21,6 +21,7 @@ from .losses import default_loss_config
 ADAPTERS = ("lorta", "lora", "none", "full")
 SCOPES = ("lm", "trunk", "both")  # where an adapter goes (adapter.scope)
 PARTS = ("embeddings", "trunk", "structure_module", "heads")  # what model.trainable may name
+COMPILE_MODES = ("none", "trunk", "lm", "both")  # what model.compile runs through torch.compile
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -59,6 +60,9 @@ def base_config() -> mlc.ConfigDict:
         "trunk": trunk_config(),
         "lddt_head_hid_dim": 128,
         "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
+        # torch.compile of each trunk block and/or each LM layer: none | trunk | lm | both (a speed setting;
+        # the same parameters and outputs, compiled on first use: see fold/build.py set_compile)
+        "compile": "none",
         # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads
         # (all when the trunk is retrained from scratch; none when a pretrained ESMFold is adapted)
         "trainable": ",".join(PARTS),
@@ -126,11 +130,11 @@ PATH_KEYS = ("model.lm.path", "model.lm.name", "model.init_from", "data.root", "
 # what may change when a run resumes: its length, its cadence, where things are and how it runs
 RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every", "train.val_every", "train.ckpt_every", "train.device",
                "train.num_threads", "data.num_workers", "data.val_max_chains", "model.trunk.chunk_size",
-               "model.checkpoint_blocks", "name") + PATH_KEYS
+               "model.checkpoint_blocks", "model.compile", "name") + PATH_KEYS
 # what prediction and evaluation may change in a trained run (--set): where things are and how it runs
 USE_FREE = PATH_KEYS + ("train.device", "train.num_threads", "data.num_workers", "data.val_max_chains",
-                        "model.checkpoint_blocks", "model.lm.sdpa", "model.lm.storage_dtype", "model.trunk.chunk_size",
-                        "val.")
+                        "model.checkpoint_blocks", "model.compile", "model.lm.sdpa", "model.lm.storage_dtype",
+                        "model.trunk.chunk_size", "val.")
 
 
 def load_config(name_or_path: str) -> mlc.ConfigDict:
@@ -201,6 +205,8 @@ def check_config(cfg: mlc.ConfigDict) -> None:
     if storage != "float32" and a.method == "full":
         raise ConfigError("model.lm.storage_dtype=bfloat16 stores a frozen language model; adapter.method=full "
                           "trains it (use float32)")
+    if cfg.model.compile not in COMPILE_MODES:
+        raise ConfigError(f"model.compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.model.compile!r}")
     if a.scope not in SCOPES:
         raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
     if a.scope != "lm" and a.method not in ("lorta", "lora"):
