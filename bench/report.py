@@ -432,8 +432,7 @@ def read_nlp_adapter_step(d: dict) -> tuple[list, str]:
         + (", so this run cannot tell apart differences of a few percent" if near else "")
         + f"; {sum(q['min'] <= 1 <= q['max'] for q in times)} of the {len(times)} cells have rounds on both sides "
         "of 1. Both LoRAs run the same two thin products per projection, x Aᵀ and a product with Bᵀ, beside the "
-        "frozen model's products: ours adds Δy in a forward hook on the frozen Linear and scales the r×out "
-        "factor; PEFT's wrapper module calls the Linear and two adapter Linears and multiplies the N×out product "
+        "frozen model's products: ours adds Δy in a forward hook on the frozen Linear; PEFT's wrapper module calls the Linear and two adapter Linears and multiplies the N×out product "
         "by alpha/r (at scale 1 too). LoRTA runs fewer thin products per layer than LoRA (x A is shared by q, k "
         "and v) plus a few tiny ops that form its per-call factors (section 1b).")
     mem = {m: [q for q in ratios(m, "memory above floor") if q is not None] for m in ("LoRA", "LoRTA")}
@@ -450,10 +449,12 @@ def read_nlp_adapter_step(d: dict) -> tuple[list, str]:
         f"({_span([a / MiB for a in above], 1)} MiB on {big['shape']}), plus its own parameters, gradients and "
         f"Adam state. Ours / PEFT memory above the floor: LoRA {_span(mem['LoRA'], 3)}, LoRTA "
         f"{_span(mem['LoRTA'], 3)} over the shapes and ranks. On {big['shape']} at r={top} our LoRA keeps "
-        f"{_mib(lora_extra)} more than PEFT's, "
-        + ("the size of" if abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "against")
-        + f" the scaled copies of Bᵀ that our LoRA multiplies with and autograd keeps for backward "
-        f"({_mib(b_bytes)}; PEFT scales the product instead, which keeps nothing). Our LoRTA keeps "
+        f"{_mib(lora_extra)} more than PEFT's"
+        + (f", the size of the scaled copies of Bᵀ ({_mib(b_bytes)}) that the LoRA of this run's code (commit "
+           f"{d['machine']['commit']}) kept for backward; lora.py has since scaled the thin N×r product instead, as "
+           "PEFT scales its product, which keeps no copy (`make bench-nlp` measures it again)"
+           if abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "")
+        + ". Our LoRTA keeps "
         f"{_mib(lorta_less)} less than PEFT's LoRA: {bv[f'ours LoRTA r={top}']['trainable_parameters']:,} "
         f"parameters against {bv[f'PEFT LoRA r={top}']['trainable_parameters']:,}, each with a gradient and two "
         "Adam moments.")
