@@ -114,19 +114,16 @@ def write_tiny_config_file(tmp_path: Path, steps: int) -> Path:
 
 
 def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
-    """A fair-esm-format ESMFold checkpoint (cfg dict + state dict without `esm.*`) of the model `cfg` builds."""
-    import torch
-
+    """A fair-esm-format ESMFold checkpoint of the model `cfg` builds (random trunk and heads, no LM), written
+    by the project's exporter (`export_esmfold_checkpoint`)."""
     from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
     from esmfold_peft.fold.train import seed_everything
 
     bare = cfg.copy_and_resolve_references()
     bare.adapter.method, bare.model.trainable, bare.model.init_from = "none", "trunk", ""
     seed_everything(seed)
-    model = build_model(bare)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("esm.")}
-    torch.save({"cfg": {"model": {"esm_type": "esm2_8M", "lddt_head_hid_dim": cfg.model.lddt_head_hid_dim,
-                                  "trunk": cfg.model.trunk.to_dict()}}, "model": state}, path)
+    export_esmfold_checkpoint(build_model(bare), bare, path, esm_type="esm2_8M")
     return Path(path)
 
 

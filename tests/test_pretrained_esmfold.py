@@ -22,7 +22,8 @@ from esmfold_peft.fold.lm import load_fair_esm_checkpoint
 from esmfold_peft.fold.pretrained import (ESM_TYPES, config_from_checkpoint, init_from_checkpoint,
                                           load_esmfold_checkpoint, load_esmfold_state, omegaconf_pickle_classes,
                                           read_esmfold_checkpoint, trunk_from_checkpoint)
-from esmfold_peft.runtime.errors import ArtifactError, ConfigError
+from esmfold_peft.adapters import get_adapter_set
+from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
 
 import esm  # noqa: E402  (after compat)
 from esm.esmfold.v1 import esmfold as fair_esmfold  # noqa: E402
@@ -477,3 +478,102 @@ def test_saved_openfold_constants_are_tolerated(ckpt, lm_file, tmp_path):
     a, _ = load_esmfold_checkpoint(ckpt, lm=lm_file)
     b, _ = load_esmfold_checkpoint(resave(ckpt, tmp_path, "constants.pt", add), lm=lm_file)
     assert_same(predict(a, False), predict(b, False))
+
+
+# --- the other way: our models written in fair-esm's format --------------------------------------
+
+def adapted_model(ckpt, lm_file, scope, seed=3):
+    """The checkpoint's model with a LoRTA adapter (rank 2) on `scope`, every factor random (a real update)."""
+    from esmfold_peft.fold.build import build_model
+
+    cfg = finetune_cfg(ckpt, lm_file)
+    cfg.adapter.scope = scope
+    cfg.model.lm.sdpa = False
+    model = build_model(cfg).eval()
+    init_from_checkpoint(model, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".peft." in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model, cfg
+
+
+def test_export_round_trip_through_our_loader_and_fair_esm(ckpt, lm_file, monkeypatch, tmp_path):
+    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+
+    model, cfg = adapted_model(ckpt, lm_file, "trunk")
+    before = predict(model, False)
+    plain, _ = load_esmfold_checkpoint(ckpt, lm={"path": str(lm_file), "sdpa": False})
+    assert (before["positions"] - predict(plain, False)["positions"]).abs().max() > 0.01  # the adapter matters
+    out = tmp_path / "exported.pt"
+    written = export_esmfold_checkpoint(model, cfg, out, esm_type="esm2_8M")
+    assert written["adapters_merged"] == ["trunk"] and written["lm_out"] is None
+    assert (tmp_path / "exported.pt.sha256").is_file()
+    assert_same(before, predict(model, False))  # the model itself is as it was: adapter active, weights restored
+    assert not get_adapter_set(model.trunk).merged
+
+    data = torch.load(out, weights_only=False)
+    assert OmegaConf.is_config(data["cfg"]) and data["cfg"].model.esm_type == "esm2_8M"
+    assert not any(k.startswith("esm.") or ".peft." in k for k in data["model"])
+    ours, loaded_cfg = load_esmfold_checkpoint(out, lm={"path": str(lm_file), "sdpa": False})
+    assert loaded_cfg.model.trunk.to_dict() == cfg.model.trunk.to_dict()
+    assert loaded_cfg.model.lddt_head_hid_dim == cfg.model.lddt_head_hid_dim
+    assert_same(before, predict(ours, False), exact=False)  # merged in float64, rounded once
+    fair = fair_esm_model(out, lm_file, monkeypatch)
+    assert_same(predict(ours, False), predict(fair, True))
+
+
+def test_export_of_an_adapted_language_model_needs_lm_out(ckpt, lm_file, tmp_path):
+    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+
+    model, cfg = adapted_model(ckpt, lm_file, "both")
+    out = tmp_path / "both.pt"
+    with pytest.raises(UserError, match="carries an adapter") as exc:
+        export_esmfold_checkpoint(model, cfg, out, esm_type="esm2_8M")
+    one_line(exc, out)
+    assert not out.exists()
+    written = export_esmfold_checkpoint(model, cfg, out, esm_type="esm2_8M", lm_out=tmp_path / "esm2_adapted.pt")
+    assert written["adapters_merged"] == ["trunk", "language model"]
+    ours, _ = load_esmfold_checkpoint(out, lm={"path": written["lm_out"], "sdpa": False})
+    assert_same(predict(model, False), predict(ours, False), exact=False)
+    base_lm, _ = load_esmfold_checkpoint(out, lm={"path": str(lm_file), "sdpa": False})  # the adapter was in the LM
+    assert (predict(base_lm, False)["positions"] - predict(ours, False)["positions"]).abs().max() > 1e-3
+
+
+def test_esm_type_from_the_language_model():
+    from types import SimpleNamespace
+
+    from esmfold_peft.fold.pretrained import esm_type_for
+
+    esm2_8m = SimpleNamespace(num_layers=6, embed_dim=320)
+    assert esm_type_for(esm2_8m, "esm2_t6_8M_UR50D") == "esm2_8M_270K"
+    assert esm_type_for(esm2_8m, "esm2_t6_8M_UR50D_500K") == "esm2_8M"
+    assert esm_type_for(esm2_8m, "") == "esm2_8M_270K"  # by shape: the publicly listed one
+    assert esm_type_for(esm2_8m, "esm2_t36_3B_UR50D") == "esm2_8M_270K"  # a name of another shape is not trusted
+    assert esm_type_for(SimpleNamespace(num_layers=36, embed_dim=2560), "") == "esm2_3B"
+    with pytest.raises(UserError, match="2 layers x 64.*esm_type"):
+        esm_type_for(SimpleNamespace(num_layers=2, embed_dim=64), "")
+
+
+def test_export_script_on_a_trained_run(tiny_lorta_run, tmp_path, capsys):
+    from esmfold_peft.fold.checkpoint import load_trained_model
+    from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
+    from fold_fixtures import load_script
+
+    script = load_script("export_esmfold")
+    out = tmp_path / "run_esmfold.pt"
+    assert script.main(["--run", str(tiny_lorta_run), "--out", str(out), "--esm-type", "esm2_8M"]) == EXIT_USAGE
+    err = capsys.readouterr().err  # the run adapted its LM: the file alone would not be the run's model
+    assert err.startswith(f"error: {out}: ") and "--lm-out" in err and err.count("\n") == 1 and not out.exists()
+    lm_out = tmp_path / "esm2_run.pt"
+    assert script.main(["--run", str(tiny_lorta_run), "--out", str(out), "--lm-out", str(lm_out)]) == EXIT_USAGE
+    assert "esm_type" in capsys.readouterr().err  # a 2-layer, 32-wide LM is no ESM-2 fair-esm names
+    assert not out.exists() and not lm_out.exists()
+    assert script.main(["--run", str(tiny_lorta_run), "--out", str(out), "--lm-out", str(lm_out),
+                        "--esm-type", "esm2_8M"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert f"--esmfold {out} --lm {lm_out}" in printed and "language model adapter merged" in printed
+    run_model, _ = load_trained_model(tiny_lorta_run)
+    exported, _ = load_esmfold_checkpoint(out, lm=str(lm_out))
+    assert_same(predict(run_model.eval(), False), predict(exported, False), exact=False)

@@ -1,0 +1,71 @@
+"""The fine-tuning demonstration end to end on the tiniest shapes (--smoke): its stages, files, table and reruns.
+
+Its numbers are not checked (two steps per run say nothing); what is checked is that every stage ran
+with the model it should have (the base file exported from the base run, only adapters trained in
+the fine-tuning, the merged adapter used for prediction), and that a rerun skips what is done.
+"""
+
+import json
+
+from esmfold_peft.fold.finetune_demo import DemoSettings, base_overrides, finetune_overrides
+from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
+from fold_fixtures import load_script
+
+
+def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_path, capsys):
+    script = load_script("demo_finetune")
+    out = tmp_path / "demo"
+    assert script.main(["--smoke", "--out", str(out), "--no-progress"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "| fine-tuned, merged | new family |" in printed and "next: python scripts/predict.py" in printed
+
+    for family in ("base", "new"):
+        manifest = json.loads((out / "families" / family / "manifest.json").read_text())
+        assert {v["split"] for v in manifest["variants"]} == {"train", "val"}
+    base_parents = {p["name"] for p in json.loads((out / "families/base/manifest.json").read_text())["parents"]}
+    new_parents = {p["name"] for p in json.loads((out / "families/new/manifest.json").read_text())["parents"]}
+    assert len(base_parents) == 2 and len(new_parents) == 1 and not base_parents & new_parents
+
+    results = json.loads((out / "results.json").read_text())
+    base, ft = results["stages"]["base"], results["stages"]["finetune"]
+    assert base["steps"] == 2 and ft["steps"] == 2
+    assert base["trainable_parameters"]["trunk_and_heads"] > 0 and base["trainable_parameters"]["adapter"] == 0
+    assert ft["trainable_parameters"]["adapter"] == ft["trainable_parameters"]["total"] > 0  # only the adapters
+    assert json.loads((out / "finetune" / "config.json").read_text())["model"]["init_from"].endswith("base_esmfold.pt")
+    assert (out / "base_esmfold.pt").is_file() and results["stages"]["export"]["esm_type"] == "esm2_8M_270K"
+    assert {(s["model"], s["family"]) for s in results["scores"]} == {
+        (m, f) for m in ("base", "finetuned") for f in ("base", "new")}
+    for s in results["scores"]:
+        assert (out / "eval" / f"{s['model']}-on-{s['family']}" / "report" / "report.json").is_file()
+        assert s["n_chains"] == (2 if s["family"] == "base" else 1) and 0 <= s["lddt_ca"] <= 1
+        assert s["adapter_merged"] == (s["model"] == "finetuned")
+    for name in ("families", "base", "export", "finetune", "evaluate"):
+        assert results["stages"][name]["wall_s"] >= 0 and results["stages"][name]["cpu_s"] >= 0
+    table = (out / "results.md").read_text()
+    assert table.count("| fine-tuned, merged |") == 2 and table.count("| base (exported file) |") == 2
+    assert all(f"| {name} |" in table for name in ("families", "base", "export", "finetune", "evaluate"))
+    assert "scripts/train_fold.py --config demo" in table and "scripts/export_esmfold.py" in table
+
+    state = (out / "demo.json").read_text()
+    report = (out / "eval" / "finetuned-on-new" / "predictions" / "predictions.json").stat().st_mtime_ns
+    assert script.main(["--smoke", "--out", str(out), "--no-progress"]) == EXIT_OK  # everything done: skipped
+    assert (out / "demo.json").read_text() == state
+    assert (out / "eval" / "finetuned-on-new" / "predictions" / "predictions.json").stat().st_mtime_ns == report
+    assert json.loads((out / "results.json").read_text())["scores"] == results["scores"]
+
+    capsys.readouterr()
+    assert script.main(["--smoke", "--out", str(out), "--rank", "3", "--no-progress"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "rank=2 (asked: 3)" in err and err.count("\n") == 1
+
+
+def test_the_runs_are_the_recipe(tmp_path):
+    settings = DemoSettings()
+    base = base_overrides(settings, tmp_path)
+    ft = finetune_overrides(settings, tmp_path)
+    assert "adapter.method=none" in base and "data.source=dir" in base
+    for item in ("adapter.method=lorta", "adapter.scope=both", "model.trainable=",
+                 f"model.init_from={tmp_path / 'base_esmfold.pt'}", f"optim.lr={settings.finetune_lr}"):
+        assert item in ft
+    trunk = [o for o in ft if o.startswith("model.trunk")]
+    assert trunk == [o for o in base if o.startswith("model.trunk")]  # the same architecture, or init_from refuses
