@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from common import (MiB, autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary)
+from common import (MiB, autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
+                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, architecture, get_adapter_set
 
 # name -> (architecture, {device kind: (layers or None for all, batch, length)})
@@ -124,19 +124,7 @@ def run_shape(label, spec, dims, device, args, conf, bf16, sweep_lengths=None):
     model.train()  # no dropout in ESM-2; train() as in fine-tuning
     inputs = {"tokens": random_tokens(model, batch, length, device, args.seed)}
     steps, resident, params = make_steps(model, inputs, device, bf16)
-    times = interleaved(steps, conf["repeats"], conf["steps"], device, warmup=conf["warmup"], seed=args.seed)
-    memory = {name: peak_memory(fn, device, resident[name]) for name, fn in steps.items()}
-    floor_t, floor_m = times[FLOOR], memory[FLOOR]
-    variants = {}
-    for name in VARIANTS:
-        variants[name] = {
-            "trainable_parameters": params[name],
-            "seconds_per_step": summary(times[name]),
-            "wall_seconds_per_step": summary(times[name + "@wall"]),
-            "vs_floor": ratio_summary(times[name], floor_t),
-            "peak_bytes": memory[name],
-            "above_floor_bytes": memory[name] - floor_m,
-        }
+    variants, times = measure_variants(steps, conf, device, resident, params, FLOOR, args.seed, names=VARIANTS)
     above = {n: v["above_floor_bytes"] for n, v in variants.items()}
     ratios = {
         "LoRTA/LoRA r=1 time": ratio_summary(times["LoRTA r=1"], times["LoRA r=1"]),

@@ -296,24 +296,43 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
 
+def cuda_transient(fn: Callable[[], None], device: torch.device) -> int:
+    """The most CUDA bytes allocated during one call of `fn` above what was allocated when it started."""
+    synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
 def peak_memory(fn: Callable[[], None], device: torch.device, resident: Callable[[], int]) -> int:
     """Peak bytes one call of `fn` holds: `resident()` (what the variant keeps between calls) plus the
     highest amount allocated above what was allocated when the call started."""
     gc.collect()
     if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        transient = torch.cuda.max_memory_allocated(device) - before
+        transient = cuda_transient(fn, device)
     else:
         tracker = TensorMemoryTracker()
         with tracker:
             fn()
         transient = tracker.peak
     return int(resident() + transient)
+
+
+def measure_variants(steps: dict, conf: dict, device: torch.device, resident: dict, params: dict, floor: str,
+                     seed: int, names=None) -> dict:
+    """Time (interleaved rounds) and peak memory of each step variant, against the `floor` variant's."""
+    times = interleaved(steps, conf["repeats"], conf["steps"], device, warmup=conf["warmup"], seed=seed)
+    memory = {name: peak_memory(fn, device, resident[name]) for name, fn in steps.items()}
+    floor_t, floor_m = times[floor], memory[floor]
+    return {name: {"trainable_parameters": params[name],
+                   "seconds_per_step": summary(times[name]),
+                   "wall_seconds_per_step": summary(times[name + "@wall"]),
+                   "vs_floor": ratio_summary(times[name], floor_t),
+                   "peak_bytes": memory[name],
+                   "above_floor_bytes": memory[name] - floor_m} for name in (names or steps)}, times
 
 
 # --- output ------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ weights:
         checkpointing; forward, fold_loss, backward, clipping, Adam; batch 1, 0 recycles), crop 64 on
         CPU (float32), 256 on CUDA (bf16 autocast): model.compile none, trunk and both.
   lm    an ESM-2 35M-shaped LM (12 layers, d 480, 20 heads, SDPA attention as model.lm.sdpa; random
-        weights) with LoRTA r=8: forward, backward (mean square of the last representation) and Adam on
-        the factors (bench/adapter_step.py's step with a loss whose gradient is not ~0), batch 1 × 512
-        tokens on CPU, 8 × 512 bf16 on CUDA: eager and compiled layers.
+        weights) with LoRTA r=8: forward, backward and Adam on the factors (bench/adapter_step.py's
+        step, with the last representation weighted by fixed random numbers as the loss, so that its
+        gradients are not rounding noise), batch 1 × 512 tokens on CPU, 8 × 512 bf16 on CUDA: eager
+        and compiled layers.
   predict  one prediction (fold/predict.py's predict_sequences, paper_d4's model with its LoRTA merged,
         float32, 0 recycles), 128 residues on CPU, 512 on CUDA: model.compile none and trunk (the GPU
         suite runs this part).
@@ -56,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from common import (autocast, base_parser, finish, fmt_ratio, fmt_s, interleaved, load_average, pick_device,
-                    ratio_summary, set_threads, summary, synchronize)
+from common import (autocast, base_parser, cuda_transient, finish, fmt_ratio, fmt_s, interleaved, load_average,
+                    pick_device, ratio_summary, set_threads, summary, synchronize)
 
 PARTS = ("fold", "lm", "predict")
 DEFAULT_PARTS = ("fold", "lm")
@@ -106,13 +107,7 @@ def step_memory(fn, device) -> int:
     """Most bytes one call holds above what was held when it started (CUDA: allocated; CPU: resident set)."""
     gc.collect()
     if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
+        return cuda_transient(fn, device)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system, so the start is what is live
     except (OSError, AttributeError):
@@ -274,13 +269,17 @@ def lm_part(conf: dict, device, bf16: bool, smoke: bool, seed: int) -> dict:
     optimizer = torch.optim.Adam(factors.values(), lr=1e-4)
     tokens = A.random_tokens(model, conf["batch"], conf["length"], device, seed)
     last = model.num_layers
+    # loss: the last representation against fixed random weights (after the final LayerNorm its mean, or
+    # mean square, hardly depends on the input, which would leave gradients of rounding noise alone)
+    target = torch.randn(conf["batch"], conf["length"], d, generator=torch.Generator().manual_seed(seed + 3))
+    target = target.to(device)
     log(f"[lm] {layers} layers, d={d}, heads={heads}, batch {conf['batch']} x {conf['length']}, bf16={bf16}, LoRTA r=8")
 
     def loss_backward(variant):
         compile_blocks(model.layers, "lm", on=variant == "compiled")
         with autocast(device, bf16):
             rep = model(tokens, repr_layers=[last])["representations"][last]
-        rep.float().square().mean().backward()  # a plain mean would be ~0 whatever the input (the final LayerNorm)
+        (rep.float() * target).mean().backward()
         return rep.detach()
 
     def forward_backward(variant):

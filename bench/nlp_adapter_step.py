@@ -40,8 +40,8 @@ import warnings
 
 import torch
 
-from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary)
+from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
+                    pick_device, ratio_summary, resident_bytes, set_threads)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, detect_layout, get_adapter_set
 from esmfold_peft.adapters.layouts import FAMILIES, MATRICES
 from esmfold_peft.runtime.cli import run_main
@@ -293,19 +293,7 @@ def run_shape(label, spec, dims, device, args, conf, bf16, with_peft: bool):
             if params[ours("LoRA", r)] != params[peft_name(r)]:
                 raise RuntimeError(f"{label}: LoRA r={r} has {params[ours('LoRA', r)]} parameters here and "
                                    f"{params[peft_name(r)]} in PEFT")
-    times = interleaved(steps, conf["repeats"], conf["steps"], device, warmup=conf["warmup"], seed=args.seed)
-    memory = {name: peak_memory(fn, device, resident[name]) for name, fn in steps.items()}
-    floor_t, floor_m = times[FLOOR], memory[FLOOR]
-    variants = {}
-    for name in steps:
-        variants[name] = {
-            "trainable_parameters": params[name],
-            "seconds_per_step": summary(times[name]),
-            "wall_seconds_per_step": summary(times[name + "@wall"]),
-            "vs_floor": ratio_summary(times[name], floor_t),
-            "peak_bytes": memory[name],
-            "above_floor_bytes": memory[name] - floor_m,
-        }
+    variants, times = measure_variants(steps, conf, device, resident, params, FLOOR, args.seed)
     ratios = {}
     if with_peft:
         for r in RANKS:
