@@ -148,12 +148,16 @@ def test_compiled_lm_gives_eager_outputs_and_factor_gradients_with_x_a_shared(tm
     model, _ = tiny_model(tmp_path, scope="lm", lm_sdpa=sdpa, lm_storage_dtype=storage)
     aa, mask = torch.randint(0, 20, (2, 11)), torch.ones(2, 11)
     mask[1, 8:] = 0
+    weights = None
 
     def run(mode):
+        nonlocal weights
         build.set_compile(model, mode)
         model.zero_grad(set_to_none=True)
         rep = model.language_model_representations(aa, mask)
-        rep.float().square().mean().backward()
+        if weights is None:  # fixed random weights: a loss whose gradient is not rounding noise
+            weights = torch.randn(rep.shape, generator=torch.Generator().manual_seed(3))
+        (rep.float() * weights).mean().backward()
         return rep.detach(), factor_grads(model, "esm.peft.")
 
     eager, eager_grads = run("none")
