@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from esmfold_peft.runtime.cli import (exit_code_table, non_negative_int, positive_float, positive_int,  # noqa: E402
                                       run_main)
 from esmfold_peft.runtime.errors import EXIT_OK  # noqa: E402
+from esmfold_peft.fold.finetune_demo import RESULTS_JSON, RESULTS_MD, DemoSettings, run_demo  # noqa: E402
+
+DEFAULTS = DemoSettings()
 
 FLAGS = {  # flag -> DemoSettings field
     "families": "n_families", "rate": "rate", "base_steps": "base_steps", "base_lr": "base_lr",
@@ -55,20 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="the tiniest shapes and 2 steps per run: checks that every stage works, in seconds "
                              "(its numbers mean nothing)")
-    parser.add_argument("--families", type=positive_int, metavar="N", help="base families (default: 4)")
+    parser.add_argument("--families", type=positive_int, metavar="N", help=f"base families (default: {DEFAULTS.n_families})")
     parser.add_argument("--rate", type=unit_fraction, metavar="X",
-                        help="fraction of residues substituted in each variant (default: 0.3)")
-    parser.add_argument("--base-steps", type=positive_int, metavar="N", help="base training steps (default: 600)")
-    parser.add_argument("--base-lr", type=positive_float, metavar="LR", help="base learning rate (default: 1e-3)")
+                        help=f"fraction of residues substituted in each variant (default: {DEFAULTS.rate})")
+    parser.add_argument("--base-steps", type=positive_int, metavar="N", help=f"base training steps (default: {DEFAULTS.base_steps})")
+    parser.add_argument("--base-lr", type=positive_float, metavar="LR", help=f"base learning rate (default: {DEFAULTS.base_lr:g})")
     parser.add_argument("--finetune-steps", type=positive_int, metavar="N",
-                        help="fine-tuning steps (default: 150)")
+                        help=f"fine-tuning steps (default: {DEFAULTS.finetune_steps})")
     parser.add_argument("--finetune-lr", type=positive_float, metavar="LR",
-                        help="fine-tuning learning rate of the LoRTA factors (default: 2e-3)")
-    parser.add_argument("--rank", type=positive_int, metavar="R", help="LoRTA rank (default: 8)")
-    parser.add_argument("--seed", type=non_negative_int, metavar="S", help="seed of the families and runs "
-                                                                           "(default: 0)")
+                        help=f"fine-tuning learning rate of the LoRTA factors (default: {DEFAULTS.finetune_lr:g})")
+    parser.add_argument("--rank", type=positive_int, metavar="R", help=f"LoRTA rank (default: {DEFAULTS.rank})")
+    parser.add_argument("--seed", type=non_negative_int, metavar="S", help=f"seed of the families and runs (default: {DEFAULTS.seed})")
     parser.add_argument("--threads", type=non_negative_int, metavar="N",
-                        help="torch CPU threads, 0 for torch's default (default: 0)")
+                        help=f"torch CPU threads, 0 for torch's default (default: {DEFAULTS.threads})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return parser
 
@@ -81,7 +83,6 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from esmfold_peft.fold.config import project_root
-    from esmfold_peft.fold.finetune_demo import RESULTS_JSON, RESULTS_MD, DemoSettings, run_demo
 
     changes = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
     settings = DemoSettings.smoke(**changes) if args.smoke else DemoSettings(**changes)

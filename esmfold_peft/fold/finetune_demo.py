@@ -71,15 +71,17 @@ class DemoSettings:
     new_train_variants: int = 8
     new_val_variants: int = 4
     seed: int = 0
-    base_steps: int = 600
-    base_lr: float = 1e-3
-    finetune_steps: int = 150
+    base_steps: int = 1500
+    base_lr: float = 2e-3
+    finetune_steps: int = 300
     finetune_lr: float = 2e-3
     rank: int = 8
     alpha: float = 0.0  # 0: alpha = rank
+    batch_size: int = 1
+    clip_grad_norm: float = 1.0
     crop_size: int = 64
-    num_recycles: int = 1  # for validation and the measured predictions alike
-    val_every: int = 100
+    num_recycles: int = 0  # in training (max), validation and the measured predictions alike
+    val_every: int = 250
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     extra: tuple = ()  # further `key=value` overrides for both runs (e.g. a smaller trunk)
 
@@ -154,8 +156,10 @@ def run_overrides(settings: DemoSettings, out: Path, family: str) -> list[str]:
     data = out / "families" / family
     return ["data.source=dir", f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}",
             f"data.cache_dir={out / 'cache' / family}", f"train.crop_size={settings.crop_size}",
-            f"train.val_every={settings.val_every}", f"train.ckpt_every={settings.val_every}",
-            f"train.num_threads={settings.threads}", f"val.num_recycles={settings.num_recycles}",
+            f"train.batch_size={settings.batch_size}", f"train.effective_batch_size={settings.batch_size}",
+            f"optim.clip_grad_norm={settings.clip_grad_norm}", f"train.max_recycles={settings.num_recycles}",
+            f"val.num_recycles={settings.num_recycles}", f"train.val_every={settings.val_every}",
+            f"train.ckpt_every={settings.val_every}", f"train.num_threads={settings.threads}",
             f"train.seed={settings.seed}", *settings.extra]
 
 
