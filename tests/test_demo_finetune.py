@@ -7,7 +7,9 @@ the fine-tuning, the merged adapter used for prediction), and that a rerun skips
 
 import json
 
-from esmfold_peft.fold.finetune_demo import DemoSettings, base_overrides, finetune_overrides
+import pytest
+
+from esmfold_peft.fold.finetune_demo import DemoSettings, base_overrides, finetune_overrides, make_families
 from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
 from fold_fixtures import load_script
 
@@ -24,7 +26,9 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_
         assert {v["split"] for v in manifest["variants"]} == {"train", "val"}
     base_parents = {p["name"] for p in json.loads((out / "families/base/manifest.json").read_text())["parents"]}
     new_parents = {p["name"] for p in json.loads((out / "families/new/manifest.json").read_text())["parents"]}
-    assert len(base_parents) == 2 and len(new_parents) == 1 and not base_parents & new_parents
+    assert len(base_parents) == 2 and len(new_parents) == 1 and new_parents <= base_parents  # distant: a base fold
+    rates = {f: json.loads((out / "families" / f / "manifest.json").read_text())["rate"] for f in ("base", "new")}
+    assert rates == {"base": 0.3, "new": 0.6}
 
     results = json.loads((out / "results.json").read_text())
     base, ft = results["stages"]["base"], results["stages"]["finetune"]
@@ -69,3 +73,16 @@ def test_the_runs_are_the_recipe(tmp_path):
         assert item in ft
     trunk = [o for o in ft if o.startswith("model.trunk")]
     assert trunk == [o for o in base if o.startswith("model.trunk")]  # the same architecture, or init_from refuses
+
+
+def test_an_unseen_new_family_is_on_a_parent_the_base_never_saw(demo_data, tmp_path):
+    settings = DemoSettings.smoke(new_family="unseen", new_rate=0.3)
+    sets = make_families(settings, demo_data.root, tmp_path)
+    base = [p["name"] for p in sets["base"]["parents"]]
+    new = [p["name"] for p in sets["new"]["parents"]]
+    assert len(base) == settings.n_families and len(new) == 1 and new[0] not in base
+    assert sets["new"]["rate"] == 0.3
+    distant = make_families(DemoSettings.smoke(), demo_data.root, tmp_path / "distant")
+    assert [p["name"] for p in distant["new"]["parents"]] == base[:1]  # the first base parent's fold
+    with pytest.raises(ValueError, match="new_family must be one of distant, unseen"):
+        DemoSettings(new_family="novel")
