@@ -449,11 +449,12 @@ def read_nlp_adapter_step(d: dict) -> tuple[list, str]:
         f"({_span([a / MiB for a in above], 1)} MiB on {big['shape']}), plus its own parameters, gradients and "
         f"Adam state. Ours / PEFT memory above the floor: LoRA {_span(mem['LoRA'], 3)}, LoRTA "
         f"{_span(mem['LoRTA'], 3)} over the shapes and ranks. On {big['shape']} at r={top} our LoRA keeps "
-        f"{_mib(lora_extra)} more than PEFT's"
+        + ("exactly what PEFT's keeps: both scale the thin N×r product and keep no scaled copy of Bᵀ"
+           if lora_extra == 0 else f"{_mib(lora_extra)} more than PEFT's")
         + (f", the size of the scaled copies of Bᵀ ({_mib(b_bytes)}) that the LoRA of this run's code (commit "
            f"{d['machine']['commit']}) kept for backward; lora.py has since scaled the thin N×r product instead, as "
            "PEFT scales its product, which keeps no copy (`make bench-nlp` measures it again)"
-           if abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "")
+           if lora_extra and abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "")
         + ". Our LoRTA keeps "
         f"{_mib(lorta_less)} less than PEFT's LoRA: {bv[f'ours LoRTA r={top}']['trainable_parameters']:,} "
         f"parameters against {bv[f'PEFT LoRA r={top}']['trainable_parameters']:,}, each with a gradient and two "
