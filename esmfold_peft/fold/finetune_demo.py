@@ -5,7 +5,7 @@ The new family is by default a *distant* family (`new_family="distant"`): varian
 parent at a higher substitution rate (`new_rate`, 0.6), so sequences the base never saw, at about 40%
 identity to a fold it knows; that is the usual case of fine-tuning ESMFold (a family it folds with
 low accuracy, on folds the PDB holds). `new_family="unseen"` puts the new family on a parent the
-base never saw instead: a new fold, which adapters alone do not teach a model this small.
+base never saw instead: a new fold, which adapters alone did not teach a model this small (docs/finetune.md).
 
     run_demo(DemoSettings(), Path("runs/demo-finetune"))      # scripts/demo_finetune.py
 
@@ -56,7 +56,7 @@ log = logging.getLogger("esmfold_peft.finetune_demo")
 STATE = "demo.json"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 BASE_FILE = "base_esmfold.pt"
-FORMAT = 2
+FORMAT = 1
 NEW_FAMILY_KINDS = ("distant", "unseen")
 # the trunk of a --smoke demonstration: the tiniest shapes, seconds per stage
 SMOKE_TRUNK = ("model.trunk.num_blocks=1", "model.trunk.sequence_state_dim=32", "model.trunk.pairwise_state_dim=16",
