@@ -22,7 +22,7 @@ import time
 import torch
 
 from common import (MiB, autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads)
+                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, run_conf)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, architecture, get_adapter_set
 
 # name -> (architecture, {device kind: (layers or None for all, batch, length)})
@@ -224,12 +224,7 @@ def main() -> None:
     set_threads(args, device)
     started, load_before = time.time(), load_average()
     kind = device.type
-    conf = dict(DEFAULTS[kind])
-    if args.smoke:
-        conf = dict(repeats=2, steps=1, warmup=1)
-    for k in ("repeats", "steps", "warmup"):
-        if getattr(args, k):
-            conf[k] = getattr(args, k)
+    conf = run_conf(args, DEFAULTS[kind])
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         shapes = {k: shapes[k] for k in args.shapes.split(",")}

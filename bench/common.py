@@ -60,6 +60,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+SMOKE_RUNS = dict(repeats=2, steps=1, warmup=1)
+FLAG_KEYS = ("repeats", "steps", "warmup", "crop")  # run settings a flag may set (0 or absent: keep)
+
+
+def run_conf(args, defaults: dict, smoke: dict = SMOKE_RUNS) -> dict:
+    """A benchmark's run settings: the device's defaults (`smoke` with --smoke), then those of FLAG_KEYS
+    that the script's flags give."""
+    conf = dict(smoke if args.smoke else defaults)
+    conf.update({k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k, 0)})
+    return conf
+
+
 def set_threads(args, device: torch.device) -> None:
     """One thread on CPU unless asked otherwise: on a shared machine every parallel region of a
     2-thread run waits for both cores, so each op can cost a scheduler time slice whenever another

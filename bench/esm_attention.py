@@ -34,7 +34,7 @@ import torch
 
 from common import (autocast, base_parser, child_main, clock_for, finish, fmt_mib, fmt_ms, fmt_ratio,
                     interleaved, load_average, parse_lengths, peak_memory, pick_device, ratio_summary,
-                    resident_bytes, run_child, set_threads, summary)
+                    resident_bytes, run_child, set_threads, summary, run_conf)
 from esmfold_peft.runtime.cli import run_main
 from esmfold_peft.runtime.errors import UserError
 
@@ -251,10 +251,7 @@ def _main(argv=None) -> int:
     set_threads(args, device)
     started, load_before = time.time(), load_average()
     kind = device.type
-    conf = dict(repeats=2, steps=1, warmup=1) if args.smoke else dict(DEFAULTS[kind])
-    for k in ("repeats", "steps", "warmup"):
-        if getattr(args, k):
-            conf[k] = getattr(args, k)
+    conf = run_conf(args, DEFAULTS[kind])
     groups = plan(args, kind)
     bf16 = kind == "cuda" and not args.no_bf16
     limit = 0.0 if kind == "cuda" else args.memory_limit_gib  # the GPU's memory is its own limit

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary)
+                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, SMOKE_RUNS, run_conf)
 
 VARIANTS = ("none", "lora r=1", "lorta r=8", "full")
 FROZEN = "none"
@@ -189,13 +189,7 @@ def main() -> None:
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
-    conf = dict(DEFAULTS[device.type])
-    if args.smoke:
-        conf = dict(crop=16, repeats=2, steps=1, warmup=1)
-    if args.crop:
-        conf["crop"] = args.crop
-    if args.repeats:
-        conf["repeats"] = args.repeats
+    conf = run_conf(args, DEFAULTS[device.type], smoke=dict(crop=16, **SMOKE_RUNS))
     bf16 = device.type == "cuda" and not args.no_bf16
     cfg = fold_config(args.smoke)
     torch.manual_seed(args.seed)

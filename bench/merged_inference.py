@@ -18,7 +18,7 @@ import torch
 
 from adapter_step import SHAPES, SMOKE_SHAPES, build_lm, random_tokens, shape_dims
 from common import (autocast, base_parser, finish, fmt_ms, fmt_ratio, interleaved, load_average, pick_device,
-                    ratio_summary, set_threads, summary)
+                    ratio_summary, set_threads, summary, SMOKE_RUNS, run_conf)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
 
 BASE = "base"
@@ -100,9 +100,7 @@ def main() -> None:
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
-    conf = dict(repeats=3, steps=1, warmup=1) if args.smoke else dict(DEFAULTS[device.type])
-    if args.repeats:
-        conf["repeats"] = args.repeats
+    conf = run_conf(args, DEFAULTS[device.type], smoke=dict(SMOKE_RUNS, repeats=3))
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         shapes = {k: shapes[k] for k in args.shapes.split(",")}

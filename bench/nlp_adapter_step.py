@@ -41,7 +41,7 @@ import warnings
 import torch
 
 from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
-                    pick_device, ratio_summary, resident_bytes, set_threads)
+                    pick_device, ratio_summary, resident_bytes, set_threads, run_conf)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, detect_layout, get_adapter_set
 from esmfold_peft.adapters.layouts import FAMILIES, MATRICES
 from esmfold_peft.runtime.cli import run_main
@@ -389,12 +389,7 @@ def _main(argv=None) -> int:
     set_threads(args, device)
     started, load_before = time.time(), load_average()
     kind = device.type
-    conf = dict(DEFAULTS[kind])
-    if args.smoke:
-        conf = dict(repeats=2, steps=1, warmup=1)
-    for k in ("repeats", "steps", "warmup"):
-        if getattr(args, k):
-            conf[k] = getattr(args, k)
+    conf = run_conf(args, DEFAULTS[kind])
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import (MiB, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average, peak_memory,
-                    pick_device, ratio_summary, resident_bytes, set_threads, summary)
+                    pick_device, ratio_summary, resident_bytes, set_threads, summary, run_conf)
 from nlp_adapter_step import SMOLLM2, TINY, build_model, hf_config
 from esmfold_peft.adapters import add_adapter, get_adapter_set
 from esmfold_peft.runtime.cli import run_main
@@ -123,9 +123,7 @@ def _main(argv=None) -> int:
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
-    conf = dict(DEFAULTS[device.type])
-    if args.smoke:
-        conf = dict(repeats=2, steps=1, warmup=1)
+    conf = run_conf(args, DEFAULTS[device.type])
     cfg = harness_config(args.smoke)
     model, description = build(args, device)
     model.train()  # as the harness's steps (SmolLM2 has no dropout)

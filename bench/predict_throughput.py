@@ -22,7 +22,8 @@ import warnings
 import torch
 
 from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_s, interleaved, load_average,
-                    merge_random_adapter, peak_memory, pick_device, resident_bytes, set_threads, summary)
+                    merge_random_adapter, peak_memory, pick_device, resident_bytes, set_threads, summary,
+                    SMOKE_RUNS, run_conf)
 
 DEFAULTS = {"cpu": dict(config="demo", lengths=(64, 128, 256), repeats=5, steps=1, warmup=1),
             "cuda": dict(config="paper_d4", lengths=(64, 128, 256), repeats=5, steps=3, warmup=2)}
@@ -94,15 +95,11 @@ def main() -> None:
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
-    conf = dict(DEFAULTS[device.type])
-    if args.smoke:
-        conf = dict(config="paper_d4", lengths=(8, 16), repeats=2, steps=1, warmup=1)
+    conf = run_conf(args, DEFAULTS[device.type], smoke=dict(config="paper_d4", lengths=(8, 16), **SMOKE_RUNS))
     if args.config:
         conf["config"] = args.config
     if args.lengths:
         conf["lengths"] = tuple(int(x) for x in args.lengths.split(","))
-    if args.repeats:
-        conf["repeats"] = args.repeats
     bf16 = device.type == "cuda" and args.bf16
     model, cfg = build_predictor(conf["config"], args.smoke, device, args.seed)
     conf["recycles"] = args.recycles if args.recycles >= 0 else (0 if args.smoke else int(cfg.val.num_recycles))

@@ -124,3 +124,20 @@ def test_run_all_writes_run_json_and_markdown_elsewhere_in_smoke_mode(tmp_path):
     assert "1b. The adapters alone" in (tmp_path / "BENCHMARKS.md").read_text()
     after = (ROOT / "BENCHMARKS.md").stat().st_mtime if (ROOT / "BENCHMARKS.md").exists() else None
     assert before == after
+
+
+def test_run_settings_come_from_the_device_defaults_the_smoke_set_and_the_flags():
+    from argparse import Namespace
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import SMOKE_RUNS, run_conf
+    finally:
+        sys.path.remove(str(BENCH))
+    defaults = dict(repeats=5, steps=2, warmup=1, crop=64)
+    assert run_conf(Namespace(smoke=False, repeats=0, steps=0), defaults) == defaults  # 0: keep
+    assert run_conf(Namespace(smoke=False, repeats=7, crop=32), defaults) == dict(defaults, repeats=7, crop=32)
+    assert run_conf(Namespace(smoke=True, repeats=0), defaults) == SMOKE_RUNS
+    assert run_conf(Namespace(smoke=True, repeats=4), defaults, smoke=dict(SMOKE_RUNS, crop=16)) == dict(
+        SMOKE_RUNS, repeats=4, crop=16)
+    assert defaults == dict(repeats=5, steps=2, warmup=1, crop=64)  # not changed in place
