@@ -229,20 +229,13 @@ def make_steps(model, layout, inputs: dict, device, bf16: bool, with_peft: bool,
         with torch.no_grad(), aset.disabled(), autocast(device, bf16):
             model(**inputs)
 
-    def ours_step(key, opt):
+    def train_step(net, opt, key=None):
+        """One step of `net` (ours with adapter `key` made active first, or PEFT's model)."""
         def step():
-            aset.set_active(key)
+            if key is not None:
+                aset.set_active(key)
             with autocast(device, bf16):
-                loss = model(**inputs).loss
-            loss.float().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    def peft_step(pm, opt):
-        def step():
-            with autocast(device, bf16):
-                loss = pm(**inputs).loss
+                loss = net(**inputs).loss
             loss.float().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -252,7 +245,7 @@ def make_steps(model, layout, inputs: dict, device, bf16: bool, with_peft: bool,
     resident = {FLOOR: lambda: resident_bytes(base, inputs)}
     params = {FLOOR: 0}
     for name, (adapter, opt, key) in trainers.items():
-        steps[name] = ours_step(key, opt)
+        steps[name] = train_step(model, opt, key)
         resident[name] = lambda adapter=adapter, opt=opt: resident_bytes(base, adapter, opt, inputs)
         params[name] = sum(p.numel() for p in adapter.parameters())
     for r, pm in peft_models.items():
@@ -260,7 +253,7 @@ def make_steps(model, layout, inputs: dict, device, bf16: bool, with_peft: bool,
         trainable = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.Adam(trainable, lr=lr)
         name = peft_name(r)
-        steps[name] = peft_step(pm, opt)
+        steps[name] = train_step(pm, opt)
         resident[name] = lambda pm=pm, opt=opt: resident_bytes(pm, opt, inputs)
         params[name] = sum(p.numel() for p in trainable)
     order = variant_names(with_peft)
