@@ -13,7 +13,7 @@ Examples:
       --checkpoint runs/demo-lorta-r8/checkpoints/last.pt --num-recycles 3 --device cuda --out pred/
   python scripts/predict.py --fasta seqs.fasta --esmfold esmfold_3B_v1.pt --lm esm2_t36_3B_UR50D.pt \\
       --chunk-size 64 --max-tokens-per-batch 512 --out pred/
-  torchrun --nproc_per_node 4 -- scripts/predict.py --fasta many.fasta --run RUN --out pred/
+  torchrun --nproc_per_node 4 scripts/predict.py --fasta many.fasta --run-dir RUN --out pred/
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fasta", type=Path, required=True, metavar="FILE", help="input FASTA file (optionally .gz)")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", type=Path, metavar="RUN_DIR",
-                       help="training run directory (config.json, model/, adapter/, checkpoints/)")
+    model.add_argument("--run", "--run-dir", dest="run", type=Path, metavar="RUN_DIR",
+                       help="training run directory (config.json, model/, adapter/, checkpoints/); under torchrun "
+                            "write --run-dir (torchrun's own parser takes --run for its --run-path)")
     model.add_argument("--esmfold", type=Path, metavar="CKPT",
                        help="a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) instead of a training run")
     parser.add_argument("--lm", metavar="LM",

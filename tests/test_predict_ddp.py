@@ -23,9 +23,10 @@ def test_torchrun_shards_records_and_rank_0_merges_one_summary(tmp_path):
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">{k}\n{v}\n" for k, v in RECORDS.items()) + ">bad\nMK--T\n")
     # one record per batch, so that the shards' batches are the single process's batches
-    common = ["--fasta", str(fasta), "--run", str(tmp_path / "run"), "--max-tokens-per-batch", "1", "--quiet",
+    # --run-dir: torchrun's own parser would take --run for its --run-path
+    common = ["--fasta", str(fasta), "--run-dir", str(tmp_path / "run"), "--max-tokens-per-batch", "1", "--quiet",
               "--device", "cpu"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launcher + [str(SCRIPT)] + common + ["--out", str(tmp_path / "ddp")], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env=env)

@@ -204,7 +204,7 @@ def test_help_lists_the_esm_fold_flags(capsys):
     (["--esmfold", "E", "--checkpoint", "C"], "--checkpoint and --set"),
     (["--esmfold", "E", "--set", "a=1"], "--checkpoint and --set"),
     (["--run", "R", "--lm", "L"], "--lm goes with --esmfold"),
-    ([], "one of the arguments --run --esmfold is required"),
+    ([], "one of the arguments --run/--run-dir --esmfold is required"),
     (["--run", "R", "--chunk-size", "0"], "must be at least 1"),
 ])
 def test_model_source_flags_are_checked(extra, message, capsys, tmp_path):
