@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="the tiniest shapes and 2 steps per run: checks that every stage works, in seconds "
                              "(its numbers mean nothing)")
-    parser.add_argument("--families", type=positive_int, metavar="N", help=f"base families (default: {DEFAULTS.n_families})")
+    parser.add_argument("--families", type=positive_int, metavar="N",
+                        help=f"base families (default: {DEFAULTS.n_families})")
     parser.add_argument("--rate", type=unit_fraction, metavar="X",
                         help=f"fraction of residues substituted in each variant of a base family "
                              f"(default: {DEFAULTS.rate})")
@@ -74,14 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-rate", type=unit_fraction, metavar="X",
                         help=f"fraction of residues substituted in each variant of the new family "
                              f"(default: {DEFAULTS.new_rate})")
-    parser.add_argument("--base-steps", type=positive_int, metavar="N", help=f"base training steps (default: {DEFAULTS.base_steps})")
-    parser.add_argument("--base-lr", type=positive_float, metavar="LR", help=f"base learning rate (default: {DEFAULTS.base_lr:g})")
+    parser.add_argument("--base-steps", type=positive_int, metavar="N",
+                        help=f"base training steps (default: {DEFAULTS.base_steps})")
+    parser.add_argument("--base-lr", type=positive_float, metavar="LR",
+                        help=f"base learning rate (default: {DEFAULTS.base_lr:g})")
     parser.add_argument("--finetune-steps", type=positive_int, metavar="N",
                         help=f"fine-tuning steps (default: {DEFAULTS.finetune_steps})")
     parser.add_argument("--finetune-lr", type=positive_float, metavar="LR",
                         help=f"fine-tuning learning rate of the LoRTA factors (default: {DEFAULTS.finetune_lr:g})")
     parser.add_argument("--rank", type=positive_int, metavar="R", help=f"LoRTA rank (default: {DEFAULTS.rank})")
-    parser.add_argument("--seed", type=non_negative_int, metavar="S", help=f"seed of the families and runs (default: {DEFAULTS.seed})")
+    parser.add_argument("--seed", type=non_negative_int, metavar="S",
+                        help=f"seed of the families and runs (default: {DEFAULTS.seed})")
     parser.add_argument("--threads", type=non_negative_int, metavar="N",
                         help=f"torch CPU threads, 0 for torch's default (default: {DEFAULTS.threads})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

@@ -357,9 +357,8 @@ def _f(x, digits=3) -> str:
 def markdown(results: dict) -> str:
     """results.md: the scores before and after, then the stages."""
     d, st = results["data"], results["stages"]
-    kind = ("distant: a base fold, sequences never seen" if d.get("new_family_kind") == "distant"
-            else "unseen: a fold never seen")
-    rows = [("base (exported file)", f"new family ({kind})", results["new_family"]["before"]),
+    new_label = f"new family ({d['new_family_kind']}, never seen)"
+    rows = [("base (exported file)", new_label, results["new_family"]["before"]),
             ("fine-tuned, merged", "new family", results["new_family"]["after"]),
             ("base (exported file)", "base families", results["old_families"]["before"]),
             ("fine-tuned, merged", "base families (forgetting?)", results["old_families"]["after"])]
