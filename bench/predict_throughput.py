@@ -32,7 +32,7 @@ DEFAULTS = {"cpu": dict(config="demo", lengths=(64, 128, 256), repeats=5, steps=
 def build_predictor(config: str, smoke: bool, device: torch.device, seed: int):
     from esmfold_peft.fold.build import build_model
     from esmfold_peft.fold.config import load_config
-    from esmfold_peft.fold.train import resolve_paths
+    from esmfold_peft.fold.runs import fill_defaults
 
     from fold_step import fold_config
 
@@ -41,7 +41,7 @@ def build_predictor(config: str, smoke: bool, device: torch.device, seed: int):
     else:
         cfg = load_config(config)
         cfg.adapter.method, cfg.adapter.rank, cfg.adapter.alpha = "lorta", 8, 16.0
-        resolve_paths(cfg)
+        fill_defaults(cfg)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="language model .* is RANDOMLY INITIALISED")

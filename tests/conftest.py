@@ -123,7 +123,8 @@ def demo_data():
 @pytest.fixture(scope="session")
 def tiny_lorta_run(tmp_path_factory):
     """A tiny LoRTA run trained for 2 steps, shared by the prediction tests (they only read it)."""
-    from esmfold_peft.fold.train import EXIT_OK, train
+    from esmfold_peft.runtime.errors import EXIT_OK
+    from esmfold_peft.fold.train import train
     from fold_fixtures import tiny_run_config
 
     tmp = tmp_path_factory.mktemp("tiny_lorta_run")

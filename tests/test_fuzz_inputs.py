@@ -41,7 +41,8 @@ def _fingerprint(directory: Path) -> dict:
 @pytest.fixture(scope="module")
 def fuzz_context(tmp_path_factory):
     """The tiny trained run every case reads (as tests/test_predict.py trains it) and a tiny config file."""
-    from esmfold_peft.fold.train import EXIT_OK, train
+    from esmfold_peft.runtime.errors import EXIT_OK
+    from esmfold_peft.fold.train import train
 
     tmp = tmp_path_factory.mktemp("fuzz_run")
     assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK

@@ -130,10 +130,10 @@ def test_dpo_run_reports_trl_metrics_and_caches_the_reference(tmp_path, dpo_file
     assert s["reference"]["second_copy_bytes_avoided"] > 0 and s["reference"]["cached"]
     # the reference is the network with its adapter disabled: the cache equals the bare model's log-probs
     torch.manual_seed(cfg.train.seed)
-    from esmfold_peft.nlp.tasks import task_for
+    from esmfold_peft.nlp.train import task_for
 
     task = task_for(cfg, torch.device("cpu"))
-    task.setup()
+    task.build()
     task.net.model.eval()
     with torch.no_grad():
         c, r = task._pair_logps(task.eval_rows[:3])

@@ -12,7 +12,8 @@ from esmfold_peft.adapters import LoRTA, LoRTAConfig, load_adapter
 from esmfold_peft.nlp.config import base_config, config_for_resume, resolve_defaults
 from esmfold_peft.nlp.models import build_classifier
 from esmfold_peft.nlp.tasks import load_head
-from esmfold_peft.nlp.train import batch_indices, train
+from esmfold_peft.nlp.tasks import batch_indices
+from esmfold_peft.nlp.train import train
 from esmfold_peft.runtime.artifacts import load_safetensors, torch_load
 from esmfold_peft.runtime.errors import ConfigError, UserError
 from esmfold_peft.runtime.rundir import RunDir
@@ -55,7 +56,11 @@ def tiny_cfg(data: Path, method="lorta", family="bert", steps=6, task="rt-polari
 
 
 class StopAfter(StopSignal):
-    """Asks to stop once `n` steps have run (as a SIGINT inside a step would)."""
+    """Asks to stop once `n` steps have run (as a SIGINT inside step n would).
+
+    The run loop defers signals twice per step (the step, then its checkpoint): the request is made in
+    step n's first deferred block.
+    """
 
     def __init__(self, n):
         super().__init__()
@@ -63,7 +68,7 @@ class StopAfter(StopSignal):
 
     @property
     def requested(self):
-        return self.seen >= self.n
+        return self.seen >= 2 * self.n - 1
 
     @requested.setter
     def requested(self, value):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from esmfold_peft.fold.predict import PART_FILE, predict_fasta
-from esmfold_peft.fold.train import EXIT_OK, train
+from esmfold_peft.runtime.errors import EXIT_OK
+from esmfold_peft.fold.train import train
 from fold_fixtures import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

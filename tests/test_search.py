@@ -16,6 +16,7 @@ import pytest
 
 from esmfold_peft.fold import search
 from esmfold_peft.fold import train as trainer
+from esmfold_peft.fold.runs import fill_defaults
 from esmfold_peft.fold.checkpoint import write_json_atomic
 from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, INTERRUPTED, SearchError, alpha_search, choose,
                                       parse_multipliers, stage_alphas, stages)
@@ -91,7 +92,7 @@ class FakeTrainer:
 
     def __call__(self, cfg, out_dir, resume=False, progress=True):
         out_dir = Path(out_dir)
-        trainer.resolve_paths(cfg)
+        fill_defaults(cfg)
         method = cfg.adapter.method
         alpha = float(cfg.adapter.alpha) if method in ("lorta", "lora") else None
         self.calls.append((alpha if alpha is not None else method, resume))

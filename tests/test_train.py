@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from esmfold_peft.adapters import read_adapter_config
 from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
-from esmfold_peft.fold.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, train, train_model
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from esmfold_peft.fold.train import train, train_model
 from esmfold_peft.runtime.errors import ConfigError, UserError
 from fold_fixtures import tiny_run_config, write_tiny_config_file
 
@@ -225,3 +226,45 @@ def test_torchrun_launches_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     s = summary(tmp_path / "run")
     assert s["processes"] == 2 and s["status"] == "completed" and s["steps"] == 2
+
+
+def test_extending_a_run_whose_validation_worsens_keeps_the_best_model(tmp_path, monkeypatch):
+    """The issue's case: `--resume --steps` past the best must not leave the worse model in model/ and adapter/."""
+    from safetensors.torch import load_file
+
+    from esmfold_peft.fold import train as trainer
+
+    scripted = iter([0.05, 0.3, 0.2, 0.25])  # initial, step 2, step 4 (worse), step 4 again (keep=last)
+    real = trainer.validate
+
+    def scripted_validate(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res["lddt_ca"] = next(scripted)
+        return res
+
+    monkeypatch.setattr(trainer, "validate", scripted_validate)
+    run = tmp_path / "run"
+    assert train(tiny_run_config(tmp_path, steps=2), run, progress=False) == EXIT_OK
+    longer = tiny_run_config(tmp_path, steps=4)
+    assert train(longer, run, resume=True, progress=False) == EXIT_OK
+    s = summary(run)
+    assert (s["best_step"], s["best_value"], s["last_step"], s["last_value"]) == (2, 0.3, 4, 0.2)
+    assert s["kept"] == "best" and s["kept_step"] == 2 and s["val_lddt_ca_final"] == 0.2
+    best, last = (read_checkpoint(run / "checkpoints" / f"{n}.pt") for n in ("best", "last"))
+    assert best["step"] == 2 and last["step"] == 4
+    exported = load_file(run / "model" / "fold_model.safetensors")
+    assert all(torch.equal(v, best["model"][k]) for k, v in exported.items())
+    assert not all(torch.equal(v, last["model"][k]) for k, v in exported.items())
+    factors = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(v, best["model"][f"esm.peft.adapters.default.{k.split('.', 1)[1]}"]) for k, v in factors.items())
+    assert "kept the best model, step 2's" in (run / "train.log").read_text()
+    # train.keep=last (free to change on resume) exports the last model and says that it is not the best
+    longer.train.keep = "last"
+    longer.train.steps = 5
+    assert train(longer, run, resume=True, progress=False) == EXIT_OK
+    s = summary(run)
+    assert s["kept"] == "last" and s["kept_step"] == 5 and s["best_step"] == 2
+    exported = load_file(run / "model" / "fold_model.safetensors")
+    last = read_checkpoint(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(v, last["model"][k]) for k, v in exported.items())
+    assert "train.keep=last: the exported model is step 5's" in (run / "train.log").read_text()

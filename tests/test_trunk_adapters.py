@@ -7,7 +7,8 @@ from esmfold_peft.adapters import get_adapter_set, has_adapters
 from esmfold_peft.fold.build import build_model, parameter_counts
 from esmfold_peft.fold.checkpoint import load_trained_model
 from esmfold_peft.fold.pretrained import init_from_checkpoint
-from esmfold_peft.fold.train import EXIT_OK, seed_everything, train_model
+from esmfold_peft.runtime.errors import EXIT_OK
+from esmfold_peft.fold.train import seed_everything, train_model
 from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
 from fold_fixtures import tiny_run_config, write_esmfold_checkpoint
 

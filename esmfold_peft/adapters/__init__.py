@@ -7,7 +7,7 @@
     get_adapter_set(model).merge()                         # inference at the base model's cost
 """
 
-from .base import METHODS, Adapter, build_adapter, config_from_dict
+from .base import METHODS, PEFT_ATTR, Adapter, build_adapter, config_from_dict, is_adapted, is_adapter_param
 from .config import AdapterConfigError, LoRAConfig, LoRTAConfig, parse_modes
 from .inject import (AdapterError, AdapterSet, add_adapter, attach, freeze_base, get_adapter_set, has_adapters,
                      trainable_parameters, unload)
@@ -20,6 +20,6 @@ __all__ = [
     "Adapter", "AdapterConfigError", "AdapterError", "AdapterLoadError", "AdapterSet", "ARCHITECTURES",
     "AttentionLayout", "LayoutError", "LoRA", "LoRAConfig", "LoRTA", "LoRTAConfig", "MATRICES", "METHODS",
     "add_adapter", "architecture", "attach", "build_adapter", "config_from_dict", "detect_layout",
-    "freeze_base", "get_adapter_set", "has_adapters", "load_adapter", "parse_modes", "read_adapter_config",
+    "freeze_base", "get_adapter_set", "has_adapters", "is_adapted", "is_adapter_param", "load_adapter", "PEFT_ATTR", "parse_modes", "read_adapter_config",
     "save_adapter", "trainable_parameters", "unload",
 ]

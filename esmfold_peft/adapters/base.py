@@ -23,6 +23,9 @@ from .lora import LoRA
 from .lorta import LoRTA
 
 
+PEFT_ATTR = "peft"  # the model's attribute (and state-dict prefix) that holds its AdapterSet
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """The interface of one method's adapter over one layout (an `nn.Module`)."""
@@ -61,6 +64,18 @@ _REGISTRY: Dict[str, Method] = {cls.method: Method(cfg, cls) for cfg, cls in ((L
 assert all(m.config_class.method == name for name, m in _REGISTRY.items())
 
 METHODS: Tuple[str, ...] = tuple(_REGISTRY)
+
+
+def is_adapted(cfg_or_method) -> bool:
+    """Whether a run config (its `adapter.method`) or a method name puts an adapter of this registry on the model
+    (lorta, lora), rather than none (frozen) or full (fine-tuned without an adapter)."""
+    name = cfg_or_method if isinstance(cfg_or_method, str) else cfg_or_method.adapter.method
+    return name in _REGISTRY
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter or state-dict name (of any model, at any depth) belongs to an adapter set."""
+    return f".{name}".find(f".{PEFT_ATTR}.") >= 0
 
 
 def method(name: str) -> Method:

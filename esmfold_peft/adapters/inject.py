@@ -21,11 +21,10 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 from torch import nn
 
-from .base import build_adapter
+from .base import PEFT_ATTR, build_adapter
 from .config import LoRAConfig, LoRTAConfig
 from .layouts import AttentionLayout, detect_layout, layouts_differences, prepare_model
 
-PEFT_ATTR = "peft"  # the model's attribute (and state-dict prefix) that holds its AdapterSet
 AnyConfig = Union[LoRTAConfig, LoRAConfig]
 # what `layout=` accepts: None (detect the one family), a family name, a layout, or several of these
 LayoutSpec = Union[None, str, AttentionLayout, Sequence[Union[str, AttentionLayout]]]

@@ -20,6 +20,7 @@ file, which must be the one the run recorded (its SHA-256, checked on every load
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,36 +70,58 @@ def needs_pretrained_base(model, state: dict) -> bool:
     return any(k not in state for k in model.state_dict() if not k.startswith("esm."))
 
 
-def pretrained_record(cfg: mlc.ConfigDict) -> Optional[dict]:
-    """What a fine-tuning run records of its `model.init_from` file: SHA-256 and size (None without one)."""
-    source = cfg.model.get("init_from")
-    if not source:
-        return None
-    path = Path(str(source)).expanduser()
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+@dataclass(frozen=True)
+class PretrainedRecord:
+    """What a fine-tuning run records of its `model.init_from` file (in its checkpoints and model/init_from.json)."""
+
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> "PretrainedRecord":
+        path = Path(path).expanduser()
+        return cls(sha256_file(path), path.stat().st_size)
+
+    @classmethod
+    def from_dict(cls, data, source: str) -> Optional["PretrainedRecord"]:
+        """The record as a checkpoint or init_from.json holds it (None: none recorded)."""
+        if data is None:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("sha256"), str) or \
+                not isinstance(data.get("bytes"), int):
+            raise ArtifactError(source, "damaged record of the pretrained ESMFold (needs sha256 and bytes)")
+        return cls(data["sha256"], data["bytes"])
+
+    def to_dict(self) -> dict:
+        return {"sha256": self.sha256, "bytes": self.bytes}
+
+    def matches(self, path: Path) -> bool:
+        return path.stat().st_size == self.bytes and sha256_file(path) == self.sha256
 
 
-def load_pretrained_base(model, cfg: mlc.ConfigDict, record: Optional[dict], source: str) -> None:
-    """Give a model built from a fine-tuning run's config the frozen weights of its `model.init_from`.
+def restore_pretrained(model, cfg: mlc.ConfigDict, state: Optional[dict], record: Optional[PretrainedRecord] = None,
+                       source: str = "") -> bool:
+    """The one place a run's pretrained base comes back: give `model` the weights of `model.init_from`.
 
-    The file must be the one the run was started from (`record`: its SHA-256); a moved file is
-    given with `--set model.init_from=PATH`.
+    A new run (`state` None) starts from the file. A run's saved tensors (`state`: a checkpoint or its
+    exported model) that hold only what trains get the frozen rest from the file, which must be the
+    one the run recorded (`record`, its SHA-256; a moved file is given with `--set model.init_from=PATH`).
+    Returns whether a base was loaded (then `state` need not hold every non-LM tensor).
     """
+    if not cfg.model.get("init_from") or (state is not None and not needs_pretrained_base(model, state)):
+        return False
     from .pretrained import init_from_checkpoint
 
-    if not cfg.model.get("init_from"):
-        raise CheckpointError(f"{source}: holds only the fine-tuned tensors, but the run's config names no "
-                              "model.init_from to rebuild the rest from")
     path = Path(str(cfg.model.init_from)).expanduser()
-    if not path.is_file():
+    if state is not None and not path.is_file():
         raise CheckpointError(f"{source}: needs the pretrained ESMFold it was fine-tuned from, "
                               f"model.init_from={path}, which is not a file (moved? give its place with "
                               "--set model.init_from=PATH)")
-    if record:
-        if path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
-            raise ArtifactError(path, f"not the pretrained ESMFold {source} was fine-tuned from (its SHA-256 "
-                                      f"differs from the recorded {str(record.get('sha256'))[:16]}…)")
+    if state is not None and record is not None and not record.matches(path):
+        raise ArtifactError(path, f"not the pretrained ESMFold {source} was fine-tuned from (its SHA-256 "
+                                  f"differs from the recorded {record.sha256[:16]}…)")
     init_from_checkpoint(model, cfg)
+    return True
 
 
 def rng_state() -> dict:
@@ -165,11 +188,11 @@ def load_trained_state(model, state: dict, source: str, base_loaded: bool = Fals
     model.load_state_dict(state, strict=False)
 
 
-def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional[dict] = None) -> None:
+def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional[PretrainedRecord] = None) -> list:
     """The final model for prediction: fold weights (no adapter tensors) + one adapter directory per adapted part.
 
-    `pretrained`: a fine-tuning run's record of its `model.init_from` file (`pretrained_record`); the
-    fold weights then hold only the tensors training changed.
+    `pretrained`: a fine-tuning run's record of its `model.init_from` file; the fold weights then hold
+    only the tensors training changed. Returns the folders written.
     """
     state = {k: v.contiguous() for k, v in trained_state(model, pretrained_base=pretrained is not None).items()
              if not k.startswith(ADAPTER_PREFIXES)}
@@ -177,11 +200,13 @@ def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, out / FOLD_WEIGHTS)
     if pretrained is not None:
-        write_json_atomic(out / PRETRAINED_RECORD, pretrained)
+        write_json_atomic(out / PRETRAINED_RECORD, pretrained.to_dict())
     write_json_atomic(out / "config.json", stored_config)
+    written = [out]
     for part, directory in ADAPTER_DIRS.items():
         if has_adapters(getattr(model, part)):
-            save_adapter(get_adapter_set(getattr(model, part)), Path(run_dir) / directory)
+            written.append(save_adapter(get_adapter_set(getattr(model, part)), Path(run_dir) / directory))
+    return written
 
 
 def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True,
@@ -211,9 +236,8 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     if checkpoint is not None:
         ckpt = read_checkpoint(Path(checkpoint))
         model = build_model(cfg)
-        base = needs_pretrained_base(model, ckpt["model"]) and bool(cfg.model.get("init_from"))
-        if base:
-            load_pretrained_base(model, cfg, ckpt["extra"].get("init_from"), str(checkpoint))
+        record = PretrainedRecord.from_dict(ckpt["extra"].get("init_from"), str(checkpoint))
+        base = restore_pretrained(model, cfg, ckpt["model"], record, str(checkpoint))
         load_trained_state(model, ckpt["model"], str(checkpoint), base_loaded=base)
         if use_ema and ckpt.get("ema"):
             with torch.no_grad():
@@ -229,11 +253,9 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     if method in ("lorta", "lora"):
         bare.adapter.method = "none"
     model = build_model(bare)
-    base = needs_pretrained_base(model, state) and bool(cfg.model.get("init_from"))
-    if base:
-        record_path = run_dir / "model" / PRETRAINED_RECORD
-        record = read_json(record_path) if record_path.exists() else None
-        load_pretrained_base(model, cfg, record, str(weights))
+    record_path = run_dir / "model" / PRETRAINED_RECORD
+    record = PretrainedRecord.from_dict(read_json(record_path), str(record_path)) if record_path.exists() else None
+    base = restore_pretrained(model, cfg, state, record, str(weights))
     load_trained_state(model, state, str(weights), base_loaded=base)
     if method in ("lorta", "lora"):
         scope = cfg.adapter.scope

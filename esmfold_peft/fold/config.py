@@ -16,6 +16,7 @@ import ml_collections as mlc
 from ..adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
 from ..runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
 from ..runtime.errors import ConfigError
+from ..runtime.loop import check_run_keys
 from .losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
@@ -97,6 +98,8 @@ def base_config() -> mlc.ConfigDict:
         "ckpt_every": 500,
         "bf16": True,  # bf16 autocast on GPU (never on CPU)
         "diverge_loss_threshold": 1e4,  # a loss above this (or non-finite) marks the run diverged
+        "keep": "best",  # what model/ and adapter/ hold at the end: best (validation LDDT-Ca) or last
+        "loggers": "",  # besides metrics.jsonl: tensorboard, wandb, csv (comma-separated; see runtime/loggers.py)
         "num_threads": 0,  # torch CPU threads; 0 leaves torch's default
         "device": "auto",
     })
@@ -128,7 +131,8 @@ PATH_KEYS = ("model.lm.path", "model.lm.name", "model.init_from", "data.root", "
              "data.chain_data_cache", "data.train_dir", "data.val_dir", "data.val_mmcif_dir",
              "data.val_chain_data_cache")
 # what may change when a run resumes: its length, its cadence, where things are and how it runs
-RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every", "train.val_every", "train.ckpt_every", "train.device",
+RESUME_FREE = ("train.steps", "train.diverge_loss_threshold", "train.log_every", "train.val_every", "train.ckpt_every",
+               "train.keep", "train.loggers", "train.device",
                "train.num_threads", "data.num_workers", "data.val_max_chains", "model.trunk.chunk_size",
                "model.checkpoint_blocks", "model.compile", "name") + PATH_KEYS
 # what prediction and evaluation may change in a trained run (--set): where things are and how it runs
@@ -219,6 +223,7 @@ def check_config(cfg: mlc.ConfigDict) -> None:
             raise ConfigError(f"adapter.modes={a.modes!r}: {exc}") from exc
     if cfg.data.source not in ("demo", "openfold", "dir"):
         raise ConfigError(f"data.source must be demo, openfold or dir; got {cfg.data.source!r}")
+    check_run_keys(cfg)
 
 
 def check_new_run(cfg: mlc.ConfigDict) -> None:

@@ -28,7 +28,8 @@ from ..runtime.rundir import ensure_writable_dir
 from ..runtime.session import resolve_device
 from ..runtime.text import finite_or_none
 from .checkpoint import load_trained_model
-from .train import build_split, resolve_paths
+from .runs import fill_defaults
+from .train import build_split
 from .validate import validate
 
 SPLITS = ("val", "train")
@@ -43,7 +44,7 @@ def split_dataset(cfg, split: str, progress: bool = True) -> ChainDataset:
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    resolve_paths(cfg)
+    fill_defaults(cfg)
     dataset = build_split(cfg, split, is_main=progress, crop_size=cfg.val.crop_size or None)
     if dataset is None:
         raise ConfigError(f"the run has no {'validation' if split == 'val' else split} chains "

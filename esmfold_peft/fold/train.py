@@ -12,38 +12,33 @@ import contextlib
 import logging
 import math
 import random
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import ml_collections as mlc
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from ..adapters import is_adapted
 from ..data import ChainDataset, ChainFilter, build_cache, collate, demo_source, directory_source, openfold_source
 from ..data.dataset import WeightedBatchSampler
 from ..data.demo import ensure_demo_data
-from ..runtime.errors import (COMPLETED, DIVERGED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED,
-                              ConfigError, UserError)
-from ..runtime.rundir import RunDir, RunSummary
-from ..runtime.session import (Dist, StopSignal, autocast_for, remove_file_logging, setup_distributed,
-                               setup_file_logging, step_seed, teardown_distributed)
-from ..runtime.text import finite_or_none, format_score
+from ..runtime.errors import ConfigError, UserError
+from ..runtime.loop import Context, Schedule, StepResult, TrainingTask, run_training
+from ..runtime.rundir import RunDir
+from ..runtime.session import Dist, autocast_for, step_seed
+from ..runtime.text import finite_or_none
 from .build import build_model, parameter_counts
-from .checkpoint import (export_model, load_pretrained_base, load_trained_state, needs_pretrained_base,
-                         pretrained_record, read_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (PretrainedRecord, export_model, load_trained_state, read_checkpoint, restore_pretrained,
+                         save_checkpoint, set_rng_state)
 from .config import adapter_alpha, check_new_run
 from .losses import fold_loss
 from .plots import plot_training_curves
-from .runs import check_resumable_config, fill_defaults, finish, stored_form
+from .runs import check_resumable_config, finish, stored_form
 from .validate import validate
 
 log = logging.getLogger("esmfold_peft.train")
-
-STATUS_OF_EXIT = {EXIT_OK: COMPLETED, EXIT_DIVERGED: DIVERGED, EXIT_INTERRUPTED: INTERRUPTED}
-resolve_paths = fill_defaults  # the name other modules know
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -171,7 +166,205 @@ def batches(train: ChainDataset, sampler: WeightedBatchSampler, start_micro: int
     yield from loader
 
 
-# --- the loop -----------------------------------------------------------------------------------
+# --- the step: the one callable the task and the benchmarks run ----------------------------------
+
+def fold_step(model, micro_batches: Iterable[dict], optimizer, params, cfg: mlc.ConfigDict, *, recycles: int,
+              device, bf16: bool = False, accum: int = 1, scheduler=None, ema: Optional[EMA] = None, named=None,
+              d: Optional[Dist] = None) -> StepResult:
+    """One optimizer step of the folding model over `accum` micro-batches (each a collated batch on `device`
+    with its `use_clamped_fape` draw): forward with `recycles`, `fold_loss`, backward (DDP synchronises the
+    last micro-batch only), gradient-norm clipping, the divergence rule (agreed by every process), then
+    Adam, the schedule and the EMA. A diverged step changes no parameter."""
+    d = d or Dist()
+    sums: dict = {}
+    bad = None
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(micro_batches):
+        last = micro == accum - 1
+        sync = contextlib.nullcontext() if (d.world == 1 or last) else model.no_sync()
+        with sync:
+            with autocast_for(device, bf16):
+                out = model(batch["aatype"], batch["mask"], batch["residue_index"], num_recycles=recycles)
+                loss, terms = fold_loss(out, batch, cfg.loss)
+            bad = bad or divergence_reason(terms["loss"], cfg)
+            if bad is None:
+                (loss / accum).backward()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v / accum
+    grad_norm = None
+    if bad is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm))
+        if not math.isfinite(grad_norm):
+            bad = f"non-finite gradient norm ({grad_norm})"
+    bad = agree(bad, d, device)
+    if bad is not None:
+        return StepResult(sums, grad_norm, divergence=bad)
+    optimizer.step()
+    scalars = {"recycles": recycles}
+    if scheduler is not None:
+        scheduler.step()
+        scalars = {"lr": scheduler.get_last_lr()[0], **scalars}
+    if ema is not None:
+        ema.update(named)
+    return StepResult(sums, grad_norm, scalars=scalars)
+
+
+# --- the folding task on the run loop -------------------------------------------------------------
+
+class FoldTask(TrainingTask):
+    """Folding runs on `runtime.loop`: data, model (pretrained base included), AF2 optimizer, EMA, DDP."""
+
+    application = "fold"
+    metrics_key = "val"
+    monitor = "lddt_ca"
+    monitor_label = "LDDT-Ca"
+    higher_is_better = True
+    distributed = True
+
+    def __init__(self, cfg: mlc.ConfigDict):
+        super().__init__(cfg)
+        self.net = self.ddp = self.ema = self.data = None
+        self.init_from = None  # a fine-tuning run's record of its pretrained file (SHA-256)
+
+    def schedule(self) -> Schedule:
+        t = self.cfg.train
+        return Schedule(t.steps, t.log_every, t.val_every, t.ckpt_every, t.get("keep", "best"), t.get("loggers", ""))
+
+    def description(self) -> str:
+        return f"train {self.cfg.adapter.method}"
+
+    def model(self):
+        return self.net
+
+    def prepare(self, run: RunDir, resume: bool) -> dict:
+        if resume:
+            check_resumable_config(run.path, self.cfg)
+        else:
+            check_new_run(self.cfg)
+        return stored_form(self.cfg, run.path)
+
+    def setup(self, ctx: Context, checkpoint: Optional[Path]):
+        cfg, d = self.cfg, ctx.d
+        self.ctx, self.bf16 = ctx, bool(cfg.train.bf16) and ctx.device.type == "cuda"
+        ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        if d.main and cfg.data.source == "demo":
+            ensure_demo_data(cfg.data.root, log=lambda m: log.info("demo data: %s", m))
+        if d.world > 1:
+            dist.barrier()
+        self.accum = accumulation_steps(cfg, d.world)
+        seed_everything(cfg.train.seed + d.rank)
+        if d.main:  # one process parses and caches; the others then open the same cache
+            self.train_ds, self.val_ds = build_datasets(cfg, True, ctx.progress)
+        if d.world > 1:
+            dist.barrier()
+        if not d.main:
+            self.train_ds, self.val_ds = build_datasets(cfg, False)
+        model = self.net = self._build(ckpt, str(checkpoint), d).to(ctx.device)
+        self.counts = parameter_counts(model)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        o = cfg.optim
+        self.optimizer = torch.optim.Adam(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, af2_lr_lambda(cfg))
+        self.ema = EMA(self.named, o.ema_decay) if o.ema_decay else None
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if d.world > 1 else model)
+        if d.main:
+            log.info("device %s, %d process(es), %d micro-batch(es) of %d per step; trainable parameters: %s",
+                     ctx.device, d.world, self.accum, cfg.train.batch_size, self.counts)
+        if ckpt is None:
+            return None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        return ckpt["step"], ckpt["extra"]
+
+    def _build(self, ckpt: Optional[dict], source: str, d: Dist):
+        """The model with its trained tensors: a new run's from `model.init_from` (recorded by SHA-256), a
+        resumed run's from its checkpoint (a fine-tuning run's frozen rest from the recorded pretrained file)."""
+        cfg = self.cfg
+        model = build_model(cfg)
+        if ckpt is None:
+            if restore_pretrained(model, cfg, None) and d.main:  # only the main process writes checkpoints
+                self.init_from = PretrainedRecord.of(cfg.model.init_from)
+            return model
+        self.init_from = PretrainedRecord.from_dict(ckpt["extra"].get("init_from"), source)
+        base = restore_pretrained(model, cfg, ckpt["model"], self.init_from, source)
+        load_trained_state(model, ckpt["model"], source, base_loaded=base)
+        return model
+
+    def train_step(self, step: int) -> StepResult:
+        cfg, d = self.cfg, self.ctx.d
+        if self.data is None:  # the order depends only on (seed, step): a resumed run draws what a straight one does
+            sampler = WeightedBatchSampler(self.train_ds.cache.weights, cfg.train.batch_size, cfg.train.seed,
+                                           rank=d.rank, world_size=d.world)
+            self.data = batches(self.train_ds, sampler, step * self.accum, cfg.data.num_workers)
+        recycles = int(torch.randint(0, cfg.train.max_recycles + 1, (1,),
+                                     generator=torch.Generator().manual_seed(step_seed(cfg.train.seed + 1, step))))
+
+        def micro_batches():
+            for micro in range(self.accum):
+                batch = next(self.data)
+                batch["use_clamped_fape"] = clamp_draw(cfg, step * self.accum + micro, d)
+                yield {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+        return fold_step(self.ddp, micro_batches(), self.optimizer, self.params, cfg, recycles=recycles,
+                         device=self.ctx.device, bf16=self.bf16, accum=self.accum, scheduler=self.scheduler,
+                         ema=self.ema, named=self.named, d=d)
+
+    def _weights(self):
+        return self.ema.applied(self.net) if self.ema is not None else contextlib.nullcontext()
+
+    def validate(self) -> Optional[dict]:
+        if self.val_ds is None or not self.ctx.d.main:
+            return None
+        with self._weights():
+            res = validate(self.net, self.val_ds, self.ctx.device, num_recycles=self.cfg.val.num_recycles,
+                           bf16=self.bf16, max_chains=self.cfg.data.val_max_chains, progress=self.ctx.progress)
+        res.pop("chains")
+        return res
+
+    def describe_validation(self, res: dict) -> str:
+        return (f"LDDT-Ca {res['lddt_ca']:.4f} ({'EMA weights' if self.ema is not None else 'weights'}), "
+                f"pooled over pairs {res['lddt_ca_pooled_all']:.4f}, mean pLDDT {res['mean_plddt']:.1f}")
+
+    def save(self, path: Path, step: int, extra: dict) -> None:
+        save_checkpoint(path, model=self.net, optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
+                        step=step, cfg=self.cfg,
+                        extra={**extra, "init_from": self.init_from.to_dict() if self.init_from else None})
+
+    def load_weights(self, path: Path) -> None:
+        ckpt = read_checkpoint(path)
+        load_trained_state(self.net, ckpt["model"], str(path), base_loaded=bool(self.cfg.model.init_from))
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+
+    def export(self, run: RunDir) -> list:
+        with self._weights():
+            return export_model(run.path, self.net, stored_form(self.cfg, run.path),
+                                pretrained=self.init_from if self.cfg.model.init_from else None)
+
+    def results(self, initial: Optional[dict], final: Optional[dict]) -> dict:
+        cfg, adapted = self.cfg, is_adapted(self.cfg)
+        return {
+            "adapter": cfg.adapter.method, "rank": cfg.adapter.rank if adapted else None,
+            "alpha": adapter_alpha(cfg) if adapted else None, "config": cfg.name,
+            "language_model": getattr(self.net, "lm_description", ""),
+            "trainable_parameters": getattr(self, "counts", None), "device": str(self.ctx.device) if hasattr(
+                self, "ctx") else "",
+            "divergence_rule": f"non-finite loss or gradient norm, or loss > {cfg.train.diverge_loss_threshold}",
+            "val_lddt_ca_initial": finite_or_none((initial or {}).get("lddt_ca")),
+            "val_lddt_ca_final": finite_or_none((final or {}).get("lddt_ca")),
+            "val_final": final, "ema": bool(cfg.optim.ema_decay),
+        }
+
+    def plot(self, run: RunDir) -> None:
+        plot_training_curves(run.path)
+
 
 def train(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True) -> int:
     """Train; return the process exit status (0 ok, 3 diverged, 130 interrupted)."""
@@ -183,251 +376,12 @@ def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progre
 
     `cfg` is the run's resolved config (`runs.new_run_config` / `runs.resume_run_config`). A new run
     needs a directory that holds no run (a failed start may be replaced); a resumed one continues
-    from its checkpoint, or from step 0 when it stopped before its first checkpoint. A fault in the
-    inputs (UserError) marks the run failed with its reason and propagates; an interrupt anywhere
-    marks it interrupted (with a checkpoint when steps were done) and returns 130.
+    from its checkpoint, or from step 0 when it stopped before its first checkpoint. The run contract
+    (statuses, signals, divergence, the best model, loggers) is `runtime.loop`'s.
     """
-    run = RunDir(out_dir)
-    finish(cfg)  # α and default paths made explicit, values checked (idempotent)
-    d, device = setup_distributed(cfg.train.device)
-    state = _RunState(run=run, cfg=cfg, d=d)
-    try:
-        if d.main:
-            replace_failed = run.check_new() if not resume else run.check_resumable()
-            if resume:
-                check_resumable_config(run.path, cfg)
-            else:
-                check_new_run(cfg)
-            run.clean_temporaries()
-            run.start(stored_form(cfg, run.path), replace_failed=bool(replace_failed))
-            state.log_handler = setup_file_logging(run.log_file)
-        with StopSignal() as stop:
-            status = _train(state, device, resume, progress, stop)
-        return status, state.model
-    except KeyboardInterrupt:
-        state.interrupted()
-        return EXIT_INTERRUPTED, state.model
-    except UserError as exc:
-        state.failed(str(exc))
-        raise
-    finally:
-        if state.log_handler is not None:
-            remove_file_logging(state.log_handler)
-        teardown_distributed()
-
-
-class _RunState:
-    """What the loop has built so far, so an interrupt or a failure anywhere can be recorded truthfully."""
-
-    def __init__(self, run: RunDir, cfg: mlc.ConfigDict, d: Dist):
-        self.run, self.cfg, self.d = run, cfg, d
-        self.model = self.log_handler = self.save = None  # save(): a checkpoint of the current step
-        self.step, self.saved_step, self.counts = 0, 0, None
-        self.in_step = False  # between a step's first gradient and its last update the state is not consistent
-        self.extra = {"val_initial": None, "wall_before": 0.0}
-        self.started = time.time()
-
-    def summary(self, status: str, reason=None, divergence=None, final_val=None) -> dict:
-        cfg, adapted = self.cfg, self.cfg.adapter.method in ("lorta", "lora")
-        wall = self.extra["wall_before"] + time.time() - self.started
-        results = {
-            "adapter": cfg.adapter.method, "rank": cfg.adapter.rank if adapted else None,
-            "alpha": adapter_alpha(cfg) if adapted else None, "config": cfg.name,
-            "language_model": getattr(self.model, "lm_description", ""), "trainable_parameters": self.counts,
-            "device": str(getattr(self, "device", "")), "processes": self.d.world,
-            "diverged": status == DIVERGED, "divergence": divergence,
-            "divergence_rule": f"non-finite loss or gradient norm, or loss > {cfg.train.diverge_loss_threshold}",
-            "val_lddt_ca_initial": finite_or_none((self.extra["val_initial"] or {}).get("lddt_ca")),
-            "val_lddt_ca_final": finite_or_none((final_val or {}).get("lddt_ca")),
-            "val_final": final_val, "ema": bool(cfg.optim.ema_decay),
-        }
-        return self.run.write_summary(RunSummary("fold", status, steps=self.step, target_steps=cfg.train.steps,
-                                                 wall_time_s=round(wall, 2), reason=reason, results=results))
-
-    def interrupted(self) -> None:
-        if not self.d.main or not self.run.config.exists():
-            return
-        if self.save is not None and self.step > self.saved_step and not self.in_step:
-            self.save()
-        reason = f"interrupted at step {self.step}; continue with --resume"
-        log.warning("%s", reason)
-        self.summary(INTERRUPTED, reason=reason)
-
-    def failed(self, reason: str) -> None:
-        if self.d.main and self.run.config.exists() and not self.run.last_checkpoint.exists():
-            self.summary(FAILED, reason=reason)
-
-
-def _train(state: _RunState, device, resume: bool, progress: bool, stop: StopSignal) -> int:
-    cfg, d, run = state.cfg, state.d, state.run
-    state.device = device
-    ckpt = read_checkpoint(run.last_checkpoint) if resume and run.last_checkpoint.exists() else None
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    if d.main and cfg.data.source == "demo":
-        ensure_demo_data(cfg.data.root, log=lambda m: log.info("demo data: %s", m))
-    if d.world > 1:
-        dist.barrier()
-
-    accum = accumulation_steps(cfg, d.world)
-    seed_everything(cfg.train.seed + d.rank)
-    if d.main:  # one process parses and caches; the others then open the same cache
-        train_ds, val_ds = build_datasets(cfg, True, progress)
-    if d.world > 1:
-        dist.barrier()
-    if not d.main:
-        train_ds, val_ds = build_datasets(cfg, False)
-    model = build_model(cfg)
-    base_loaded = False
-    if cfg.model.init_from and ckpt is None:  # a new run starts from a pretrained ESMFold and records which
-        from .pretrained import init_from_checkpoint
-
-        init_from_checkpoint(model, cfg)
-        if d.main:
-            state.extra["init_from"] = pretrained_record(cfg)
-    elif cfg.model.init_from and needs_pretrained_base(model, ckpt["model"]):  # its checkpoints hold only what trains
-        load_pretrained_base(model, cfg, ckpt["extra"].get("init_from"), str(run.last_checkpoint))
-        base_loaded = True
-    model = state.model = model.to(device)
-    counts = state.counts = parameter_counts(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    o = cfg.optim
-    optimizer = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, af2_lr_lambda(cfg))
-    ema = EMA(named, o.ema_decay) if o.ema_decay else None
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                           else None) if d.world > 1 else model)
-
-    if ckpt is not None:
-        load_trained_state(model, ckpt["model"], str(run.last_checkpoint), base_loaded=base_loaded)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        state.step = state.saved_step = ckpt["step"]
-        state.extra = ckpt["extra"]
-        if d.main:
-            log.info("resumed from %s at step %d", run.last_checkpoint, state.step)
-    if d.main:
-        run.truncate_metrics(state.step)  # records after the checkpoint are written again
-
-    def save() -> None:
-        state.extra["wall_before"] += time.time() - state.started
-        state.started = time.time()
-        if d.main:
-            save_checkpoint(run.last_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            step=state.step, cfg=cfg, extra=state.extra)
-        state.saved_step = state.step
-
-    state.save = save if d.world == 1 else None  # with several processes only a step's end is a safe point
-    if d.main:
-        log.info("device %s, %d process(es), %d micro-batch(es) of %d per step; trainable parameters: %s",
-                 device, d.world, accum, cfg.train.batch_size, counts)
-    bf16 = bool(cfg.train.bf16) and device.type == "cuda"
-
-    def run_validation(tag: str):
-        if val_ds is None or not d.main:
-            return None
-        ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
-        with ctx:
-            res = validate(model, val_ds, device, num_recycles=cfg.val.num_recycles, bf16=bf16,
-                           max_chains=cfg.data.val_max_chains, progress=progress)
-        res.pop("chains")
-        log.info("validation (%s, step %d): LDDT-Ca %.4f (%s), pooled over pairs %.4f, mean pLDDT %.1f",
-                 tag, state.step, res["lddt_ca"], "EMA weights" if ema is not None else "weights",
-                 res["lddt_ca_pooled_all"], res["mean_plddt"])
-        run.append_metrics({"step": state.step, "val": res})
-        return res
-
-    if ckpt is not None and state.step >= cfg.train.steps and run.status() == COMPLETED:
-        log.info("%s is already complete at step %d (give --steps N to train further)", run.path, state.step)
-        return EXIT_OK
-    if state.step == 0 and state.extra["val_initial"] is None:
-        state.extra["val_initial"] = run_validation("initial")
-
-    sampler = WeightedBatchSampler(train_ds.cache.weights, cfg.train.batch_size, cfg.train.seed,
-                                   rank=d.rank, world_size=d.world)
-    data = batches(train_ds, sampler, state.step * accum, cfg.data.num_workers)
-    total = cfg.train.steps
-    status, divergence = EXIT_OK, None
-    bar = tqdm(total=total, initial=min(state.step, total), desc=f"train {cfg.adapter.method}",
-               disable=not (progress and d.main), dynamic_ncols=True)
-    while state.step < total:
-        with stop.deferred():  # a signal here finishes the step, checkpoints and stops
-            state.in_step = True
-            t0 = time.time()
-            step = state.step
-            recycles = int(torch.randint(0, cfg.train.max_recycles + 1, (1,),
-                                         generator=torch.Generator().manual_seed(step_seed(cfg.train.seed + 1, step))))
-            sums: dict = {}
-            bad = None
-            optimizer.zero_grad(set_to_none=True)
-            for micro in range(accum):
-                batch = next(data)
-                batch["use_clamped_fape"] = clamp_draw(cfg, step * accum + micro, d)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = contextlib.nullcontext() if (d.world == 1 or micro == accum - 1) else ddp_model.no_sync()
-                with sync:
-                    with autocast_for(device, bf16):
-                        out = ddp_model(batch["aatype"], batch["mask"], batch["residue_index"], num_recycles=recycles)
-                        loss, terms = fold_loss(out, batch, cfg.loss)
-                    bad = bad or divergence_reason(terms["loss"], cfg)
-                    if bad is None:
-                        (loss / accum).backward()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v / accum
-            grad_norm = None
-            if bad is None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm))
-                if not math.isfinite(grad_norm):
-                    bad = f"non-finite gradient norm ({grad_norm})"
-            bad = agree(bad, d, device)
-            if bad is not None:
-                divergence = {"step": step, "rule": bad, "terms": sums}
-                log.error("diverged at step %d: %s; last good checkpoint left untouched", step, bad)
-                status = EXIT_DIVERGED
-                break
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(named)
-            state.step = step = step + 1
-            dt = time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", s_per_step=f"{dt:.2f}", refresh=False)
-            if d.main and (step % cfg.train.log_every == 0 or step == total):
-                run.append_metrics({"step": step, **{k: round(v, 6) for k, v in sums.items()},
-                                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                    "recycles": recycles, "sec_per_step": round(dt, 4)})
-            state.in_step = False
-        if cfg.train.val_every and step % cfg.train.val_every == 0 and step < total:
-            run_validation("periodic")
-        with stop.deferred():
-            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total or stop.requested:
-                save()
-        if stop.requested and step < total:
-            raise KeyboardInterrupt
-    bar.close()
-
-    final_val = None
-    if status == EXIT_OK:
-        final_val = run_validation("final")
-        if d.main:
-            ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
-            with ctx:
-                export_model(run.path, model, stored_form(cfg, run.path),
-                             pretrained=state.extra.get("init_from") if cfg.model.init_from else None)
-    if d.main:
-        summary = state.summary(STATUS_OF_EXIT[status], divergence=divergence, final_val=final_val,
-                                reason=divergence["rule"] if divergence else None)
-        plot_training_curves(run.path)
-        log.info("wrote %s (status: %s, LDDT-Ca %s -> %s)", run.path, summary["status"],
-                 format_score(summary["val_lddt_ca_initial"]), format_score(summary["val_lddt_ca_final"]))
-    if d.world > 1:
-        dist.barrier()
-    return status
+    task = FoldTask(finish(cfg))
+    status = run_training(task, out_dir, resume=resume, progress=progress)
+    return status, task.model()
 
 
 # --- helpers ------------------------------------------------------------------------------------

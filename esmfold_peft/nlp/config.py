@@ -7,12 +7,14 @@ config.json is written, so a run directory always records the values it trained 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import ml_collections as mlc
 
 from ..runtime.config import apply_overrides, describe_differences, differences, load_config_file
 from ..runtime.errors import ConfigError
+from ..runtime.loop import check_run_keys
 from .glue import TASKS
 from .models import METHODS
 from .sources import project_root
@@ -22,8 +24,10 @@ ALL_TASKS = tuple(TASKS) + LM_TASKS
 # the config each task starts from when --config is not given
 DEFAULT_CONFIG = {**{t: "nlp_classify" for t in TASKS}, "alpaca": "nlp_instruct", "dpo": "nlp_dpo"}
 # what a resumed run may change: the target, the cadence of logs/evaluations/checkpoints, where it runs
-RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.device",
-                     "train.num_threads", "eval.batch_size")
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep",
+                     "train.loggers", "train.device", "train.num_threads", "eval.batch_size")
+# keys newer than the first runs: a stored config without them takes the default
+ADDED_LATER = ("train.keep", "train.loggers")
 
 
 def base_config() -> mlc.ConfigDict:
@@ -81,6 +85,8 @@ def base_config() -> mlc.ConfigDict:
     cfg.train.device = "auto"
     cfg.train.num_threads = 0  # torch CPU threads (0 = torch's choice)
     cfg.train.diverge_loss_threshold = 1e4  # a loss above this (or non-finite) stops the run: exit 3
+    cfg.train.keep = "best"  # what adapter/ (model/) holds at the end: best (the task's primary metric) or last
+    cfg.train.loggers = ""  # besides metrics.jsonl: tensorboard, wandb, csv (comma-separated)
 
     cfg.eval = mlc.ConfigDict()
     cfg.eval.batch_size = 64
@@ -123,6 +129,7 @@ def resolve_defaults(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
     for key in ("steps", "batch_size", "log_every"):
         if cfg.train[key] < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {cfg.train[key]}")
+    check_run_keys(cfg)
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of "
                           f"train.micro_batch_size={cfg.train.micro_batch_size}")
@@ -131,6 +138,11 @@ def resolve_defaults(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
 
 def config_for_resume(stored: dict, overrides: list[str]) -> mlc.ConfigDict:
     """The stored config with the given overrides; a change outside RESUME_MAY_CHANGE is refused, by name."""
+    stored = copy.deepcopy(stored)
+    defaults = base_config()
+    for key in ADDED_LATER:
+        section, leaf = key.rsplit(".", 1)
+        stored.setdefault(section, {}).setdefault(leaf, defaults[section][leaf])
     base = mlc.ConfigDict(stored)
     requested = apply_overrides(mlc.ConfigDict(stored), overrides)
     refused = [d for d in differences(base, requested) if d[0] not in RESUME_MAY_CHANGE]

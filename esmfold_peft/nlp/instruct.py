@@ -157,7 +157,7 @@ class InstructionTask(Task):
     primary = "response_loss"
     higher_is_better = False
 
-    def setup(self):
+    def build(self):
         from .glue import subset
 
         cfg = self.cfg

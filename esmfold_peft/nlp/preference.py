@@ -145,7 +145,7 @@ class PreferenceTask(Task):
     primary = "rewards/accuracies"
     higher_is_better = True
 
-    def setup(self):
+    def build(self):
         from .glue import subset
 
         cfg = self.cfg
@@ -217,7 +217,7 @@ class PreferenceTask(Task):
             if {k: v.shape[0] for k, v in self.reference.items()} == want:
                 return
             log.warning("%s holds log-probabilities of other data; computing them again", path)
-            if self.cfg.adapter.method == "full" and extra.get("eval_initial") is not None:
+            if self.cfg.adapter.method == "full" and extra.get("val_initial") is not None:
                 raise ArtifactError(path, "does not match the data, and full fine-tuning cannot recompute it")
         log.info("reference log-probabilities of %d + %d pairs (adapter disabled), cached in %s",
                  len(self.train_rows), len(self.eval_rows), path)

@@ -1,14 +1,21 @@
-"""The tasks of the harness behind one small base: what the training loop asks of a task.
+"""The tasks of the harness behind one small base: what the run loop asks of an NLP task.
 
-A task builds its network and data (`setup`), gives the loss of a batch of training examples by
-index (`loss`), scores the network on its held-out data (`evaluate`), and writes what it trained
-(`export`). The loop in `train.py` knows nothing else about it.
+`Task` is the NLP side of `runtime.loop.TrainingTask`, written once for every task: the network and
+what trains in it, AdamW with the paper's separate head rate, the linear/cosine schedule, micro-
+batches, the divergence rule, checkpoints of the trained tensors, the summary and the curves. A
+task adds its data and network (`build`), the loss of a batch of training examples by index
+(`loss`), its held-out scores (`evaluate`) and what it writes (`export`).
+
+Exact resume: the examples of step s are a pure function of (seed, s) (a seeded permutation per
+epoch), dropout is seeded per step from (seed, s), and the learning rate is a function of s; the
+checkpoint holds the trained parameters, the optimizer state and the step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,27 +23,62 @@ import ml_collections as mlc
 import torch
 import torch.nn.functional as F
 
-from ..adapters import save_adapter
-from ..runtime.artifacts import save_safetensors
+from ..adapters import is_adapted, save_adapter
+from ..runtime.artifacts import load_safetensors, save_safetensors, torch_load, torch_save
+from ..runtime.errors import ArtifactError, UserError
+from ..runtime.loop import Context, Schedule, StepResult, TrainingTask
 from ..runtime.rundir import RunDir
+from ..runtime.session import step_seed
+from ..runtime.text import finite_or_none
 from .glue import compute_metrics, load_task
-from .models import Network, build_classifier
+from .models import Network, build_classifier, describe_layout, load_trainable_state, prepare_training, \
+    trainable_state
+from .plots import plot_curves
 
 log = logging.getLogger("esmfold_peft.nlp")
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
 
 
-class Task:
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of step `step`: consecutive slices of a fresh permutation per epoch."""
+    out, cache = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(step_seed(seed, epoch, "epoch"))
+            cache[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(cache[epoch][pos % n])
+    return out
+
+
+def lr_factor(cfg: mlc.ConfigDict, step: int) -> float:
+    o, total = cfg.optim, cfg.train.steps
+    warmup = int(round(o.warmup_ratio * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Task(TrainingTask):
+    application = "nlp"
+    metrics_key = "eval"
     kind = ""
-    primary = ""  # the metric reported as the run's result
+    primary = ""  # the metric reported as the run's result, and the one that selects the best model
     higher_is_better = True
 
-    def __init__(self, cfg: mlc.ConfigDict, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: mlc.ConfigDict, device: Optional[torch.device] = None):
+        super().__init__(cfg)
+        self.device = device
         self.net: Optional[Network] = None
         self.train_size = 0
 
-    def setup(self) -> Network:
+    # --- what a task adds ------------------------------------------------------------------------
+
+    def build(self) -> Network:
+        """Read the data and build the network (self.net)."""
         raise NotImplementedError
 
     def loss(self, indices: Sequence[int]) -> tuple[torch.Tensor, dict]:
@@ -45,21 +87,125 @@ class Task:
     def evaluate(self) -> dict:
         raise NotImplementedError
 
-    def before_training(self, run: RunDir, extra: dict) -> None:
-        """Once per run, before the first step (and again, cheaply, on resume)."""
-
-    def after_training(self, run: RunDir, extra: dict) -> dict:
-        """After the last step: extra results for the summary."""
-        return {}
-
     def data_summary(self) -> dict:
         return {}
+
+    # --- the loop's interface ----------------------------------------------------------------------
+
+    @property
+    def monitor(self) -> str:
+        return self.primary
+
+    def schedule(self) -> Schedule:
+        t = self.cfg.train
+        return Schedule(t.steps, t.log_every, t.eval_every, t.ckpt_every, t.get("keep", "best"), t.get("loggers", ""))
+
+    def description(self) -> str:
+        return f"{self.cfg.task} {self.cfg.adapter.method}"
+
+    def model(self):
+        return self.net.model if self.net is not None else None
+
+    def prepare(self, run: RunDir, resume: bool) -> dict:
+        return self.cfg.to_dict()
+
+    def setup(self, ctx: Context, checkpoint: Optional[Path]):
+        cfg = self.cfg
+        self.device = ctx.device
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        torch.manual_seed(cfg.train.seed)  # the head's initialisation and the adapter's
+        net = self.build()
+        self.param_counts = prepare_training(net, cfg)
+        net.model.to(self.device)
+        self.optimizer = self._optimizer()
+        self.params = [p for p in net.model.parameters() if p.requires_grad]
+        restored = None
+        if checkpoint is not None:
+            ckpt = torch_load(checkpoint)
+            load_trainable_state(net.model, ckpt["trainable"], str(checkpoint))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            extra = dict(ckpt["extra"])
+            if "eval_initial" in extra:  # checkpoints written before the shared loop
+                extra["val_initial"] = extra.pop("eval_initial")
+            restored = int(ckpt["step"]), extra
+        log.info("task %s on %s: %s", cfg.task, net.description, self.data_summary())
+        log.info("trainable parameters: %s", self.param_counts)
+        return restored
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg, heads = self.cfg, set(self.net.head_names)
+        body, head = [], []
+        for name, p in self.net.model.named_parameters():
+            if p.requires_grad:
+                (head if name in heads else body).append(p)
+        groups = [g for g in ({"params": body, "lr": cfg.optim.lr, "base_lr": cfg.optim.lr},
+                              {"params": head, "lr": cfg.optim.head_lr, "base_lr": cfg.optim.head_lr}) if g["params"]]
+        return torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay)
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step over the step's examples in micro-batches; a non-finite or too large loss or
+        gradient norm is a divergence (no update)."""
+        cfg, optimizer = self.cfg, self.optimizer
+        factor = lr_factor(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.net.model.train()
+        torch.manual_seed(step_seed(cfg.train.seed, step, "dropout"))
+        indices = batch_indices(self.train_size, cfg.train.batch_size, cfg.train.seed, step)
+        micro = cfg.train.micro_batch_size or cfg.train.batch_size
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict = {}
+        for part in (indices[i:i + micro] for i in range(0, len(indices), micro)):
+            loss, terms = self.loss(part)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                return StepResult(sums or terms, divergence=f"non-finite loss ({value})")
+            if value > cfg.train.diverge_loss_threshold:
+                return StepResult(sums or terms, divergence=f"loss {value:.4g} above train.diverge_loss_threshold="
+                                                            f"{cfg.train.diverge_loss_threshold}")
+            (loss * len(part) / len(indices)).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(part) / len(indices)
+        grad_norm = None
+        if cfg.optim.clip_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad_norm))
+            if not math.isfinite(grad_norm):
+                return StepResult(sums, grad_norm, divergence=f"non-finite gradient norm ({grad_norm})")
+        optimizer.step()
+        return StepResult(sums, grad_norm, scalars={"lr": optimizer.param_groups[0]["lr"]})
+
+    def validate(self) -> dict:
+        return self.evaluate()
+
+    def save(self, path: Path, step: int, extra: dict) -> None:
+        torch_save({"step": step, "trainable": trainable_state(self.net.model), "optimizer": self.optimizer.state_dict(),
+                    "extra": extra, "config": self.cfg.to_dict()}, path)
+
+    def load_weights(self, path: Path) -> None:
+        load_trainable_state(self.net.model, torch_load(path)["trainable"], str(path))
+
+    def results(self, initial: Optional[dict], final: Optional[dict]) -> dict:
+        cfg, net, adapted = self.cfg, self.net, is_adapted(self.cfg)
+        counts = getattr(self, "param_counts", {})
+        return {"task": cfg.task, "adapter": cfg.adapter.method, "rank": cfg.adapter.rank if adapted else None,
+                "alpha": cfg.adapter.alpha if adapted else None,
+                "model": net.description if net else None, "config": cfg.name, "parameters": counts,
+                "adapter_parameters": counts.get("adapter"), "layout": describe_layout(net) if net else None,
+                "device": str(self.device), "data": self.data_summary() if net else {},
+                "primary_metric": self.primary, "eval_initial": initial or {}, "eval_final": final,
+                "primary_initial": finite_or_none((initial or {}).get(self.primary)),
+                "primary_final": finite_or_none((final or {}).get(self.primary))}
+
+    def plot(self, run: RunDir) -> None:
+        plot_curves(run.path, self.primary)
 
     def export(self, run: RunDir) -> list[Path]:
         """Write the trained adapter (the core's format) and anything trained beside it; the paths written."""
         written = []
         model = self.net.model
-        if self.cfg.adapter.method in ("lorta", "lora"):
+        if is_adapted(self.cfg):
             written.append(save_adapter(model, run.adapter_dir))
         if self.cfg.adapter.method == "full":
             run.model_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +235,7 @@ class ClassificationTask(Task):
 
     kind = "classification"
 
-    def setup(self) -> Network:
+    def build(self) -> Network:
         self.spec, train, evals = load_task(self.cfg)
         self.primary = self.spec.primary
         self.net = build_classifier(self.cfg, self.spec.num_labels)
@@ -169,9 +315,6 @@ class ClassificationTask(Task):
 
 def load_head(model, directory: Path) -> None:
     """Load a head saved by `ClassificationTask.export` into a classification model (strict)."""
-    from ..runtime.artifacts import load_safetensors
-    from ..runtime.errors import ArtifactError
-
     tensors = load_safetensors(Path(directory) / HEAD_WEIGHTS)
     params = dict(model.named_parameters())
     bad = [n for n, v in tensors.items() if n not in params or params[n].shape != v.shape]
@@ -180,19 +323,3 @@ def load_head(model, directory: Path) -> None:
     with torch.no_grad():
         for n, v in tensors.items():
             params[n].copy_(v)
-
-
-def task_for(cfg: mlc.ConfigDict, device: torch.device) -> Task:
-    from .glue import TASKS
-    from .instruct import InstructionTask
-    from .preference import PreferenceTask
-
-    if cfg.task == "alpaca":
-        return InstructionTask(cfg, device)
-    if cfg.task == "dpo":
-        return PreferenceTask(cfg, device)
-    if cfg.task in TASKS:
-        return ClassificationTask(cfg, device)
-    from ..runtime.errors import ConfigError
-
-    raise ConfigError(f"unknown task {cfg.task!r}; known: {', '.join(list(TASKS) + ['alpaca', 'dpo'])}")

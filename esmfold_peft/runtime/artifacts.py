@@ -83,6 +83,27 @@ def verify_checksum(path: Path) -> Optional[str]:
     return actual
 
 
+def copy_checksummed(source: Path, target: Path) -> str:
+    """`target` becomes a copy of the weight file `source` (verified first), atomically, with its own sidecar.
+
+    A hard link when the file system allows it (no second copy on disk: the writers replace files by
+    renaming, never in place), a byte copy otherwise.
+    """
+    import os
+    import shutil
+
+    verify_checksum(require_file(source, "checkpoint"))
+
+    def write(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return write_checksummed(target, write)
+
+
 def require_file(path: Path, what: str = "file") -> Path:
     path = Path(path)
     if not path.exists():

@@ -5,6 +5,7 @@
     RUN/metrics.jsonl          one JSON object per line, appended; a torn last line is dropped on read
     RUN/train.log              the log of every session of the run
     RUN/checkpoints/last.pt    everything needed to resume exactly (+ last.pt.sha256)
+    RUN/checkpoints/best.pt    the checkpoint of the best validation score (+ best.pt.sha256)
     RUN/model/, RUN/adapter/   the exported result (weight files with .sha256 sidecars)
 
 Statuses and exit codes are the ones of `errors`. A run that fails to start is marked `failed`
@@ -31,7 +32,7 @@ log = logging.getLogger("esmfold_peft.run")
 
 SCHEMA_VERSION = 1
 CONFIG, SUMMARY, METRICS, LOG = "config.json", "summary.json", "metrics.jsonl", "train.log"
-CHECKPOINTS, LAST = "checkpoints", "last.pt"
+CHECKPOINTS, LAST, BEST = "checkpoints", "last.pt", "best.pt"
 RUN_PLACEHOLDER, PROJECT_PLACEHOLDER = "{run}", "{project}"
 
 
@@ -72,6 +73,7 @@ class RunDir:
     log_file = property(lambda self: self.path / LOG)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     last_checkpoint = property(lambda self: self.path / CHECKPOINTS / LAST)
+    best_checkpoint = property(lambda self: self.path / CHECKPOINTS / BEST)
     model_dir = property(lambda self: self.path / "model")
     adapter_dir = property(lambda self: self.path / "adapter")
 
@@ -119,7 +121,8 @@ class RunDir:
     def clean_temporaries(self) -> int:
         """Temporaries left by a writer killed mid-write (checkpoints, JSON): they are never valid."""
         removed = 0
-        for folder, names in ((self.checkpoints, (LAST, LAST + ".sha256")), (self.path, (CONFIG, SUMMARY))):
+        for folder, names in ((self.checkpoints, (LAST, LAST + ".sha256", BEST, BEST + ".sha256")),
+                              (self.path, (CONFIG, SUMMARY))):
             if folder.is_dir():
                 removed += sum(remove_stale_temporaries(folder, n) for n in names)
         if removed:
