@@ -2,9 +2,10 @@
 
 The model is `configs/paper_d4.py` as built by `esmfold_peft.fold.build.build_model`: 12 trunk
 blocks (c_s 1024, c_z 128) with per-block activation checkpointing, and a randomly initialised
-35M-shaped ESM-2 (the weights do not change the cost). One step is what `fold/train.py` does per
-micro-batch: forward, `fold_loss`, backward, gradient clipping, Adam step (EMA off), batch size 1,
-recycles fixed at 0 (training samples 0..3; a fixed count gives a fixed cost per step).
+35M-shaped ESM-2 (the weights do not change the cost). One step is the package's own training step
+(`esmfold_peft.fold.train.fold_step`, what every training run calls): forward, `fold_loss`, backward,
+gradient clipping, the divergence rule, Adam (EMA off, no schedule), batch size 1, recycles fixed at 0
+(training samples 0..3; a fixed count gives a fixed cost per step).
 
 Variants: `--adapter none` (LM frozen), `lora` r=1 (α 128), `lorta` r=8 (α 256), `full` (LM trained).
 One model serves all four (both adapters sit on its LM; `none` and `full` disable them; `full`
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
+from common import (ROOT, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
                     peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, SMOKE_RUNS, run_conf)
 
 VARIANTS = ("none", "lora r=1", "lorta r=8", "full")
@@ -103,7 +104,9 @@ def training_batch(length: int, seed: int = 0):
 
 
 def make_steps(model, aset, cfg, batch, device, bf16: bool):
-    from esmfold_peft.fold.losses import fold_loss
+    """One step callable per variant: the package's own training step (`esmfold_peft.fold.train.fold_step`:
+    forward, fold_loss, backward, clipping, the divergence rule, Adam) on `batch`, with 0 recycles."""
+    from esmfold_peft.fold.train import fold_step
 
     lm_trainable = [p for n, p in model.esm.named_parameters()
                     if not n.startswith(("peft.", "lm_head.", "contact_head."))]
@@ -126,13 +129,10 @@ def make_steps(model, aset, cfg, batch, device, bf16: bool):
             ctx = aset.disabled() if variant in ("none", "full") else _active(aset, variant)
             try:
                 with ctx:
-                    with autocast(device, bf16):
-                        out = model(batch["aatype"], batch["mask"], batch["residue_index"], num_recycles=0)
-                        loss, _ = fold_loss(out, batch, cfg.loss)
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    result = fold_step(model, [batch], optimizer, params, cfg, recycles=0, device=device, bf16=bf16)
+                if result.divergence:
+                    raise RuntimeError(f"the benchmark step diverged: {result.divergence}")
+                optimizer.zero_grad(set_to_none=True)  # as before a step: gradients are not resident between steps
             finally:
                 if variant == "full":
                     for p in lm_trainable:
@@ -177,8 +177,8 @@ def tables(r) -> list:
                          "memory / frozen"],
              "rows": rows,
              "notes": [f"{r['config']['repeats']} interleaved rounds of {r['config']['steps']} step(s) after "
-                       f"{r['config']['warmup']} warm-up; step = forward, fold_loss, backward, clipping, Adam "
-                       f"(EMA off); batch: {r['batch_source']}."]}]
+                       f"{r['config']['warmup']} warm-up; step = the package's training step (fold_step: forward, "
+                       f"fold_loss, backward, clipping, divergence rule, Adam; EMA off); batch: {r['batch_source']}."]}]
 
 
 def main() -> None:

@@ -424,9 +424,8 @@ def ddp_worker(spec: dict) -> None:
     import torch.distributed as dist
 
     from esmfold_peft.fold.build import build_model
-    from esmfold_peft.fold.losses import fold_loss
-    from esmfold_peft.fold.train import seed_everything
-    from esmfold_peft.runtime.session import autocast_for, setup_distributed, teardown_distributed
+    from esmfold_peft.fold.train import fold_step, seed_everything
+    from esmfold_peft.runtime.session import setup_distributed, teardown_distributed
 
     from fold_step import fold_config, training_batch
 
@@ -448,13 +447,8 @@ def ddp_worker(spec: dict) -> None:
         batch, _ = training_batch(spec["crop"], spec["seed"] + d.rank)  # each process its own example
         batch = {k: v.to(device) for k, v in batch.items()}
 
-        def step():
-            with autocast_for(device, spec["bf16"]):
-                out = ddp(batch["aatype"], batch["mask"], batch["residue_index"], num_recycles=0)
-                loss, _ = fold_loss(out, batch, cfg.loss)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
-            optimizer.step()
+        def step():  # the package's training step, as a torchrun training job runs it
+            fold_step(ddp, [batch], optimizer, params, cfg, recycles=0, device=device, bf16=spec["bf16"], d=d)
             optimizer.zero_grad(set_to_none=True)
 
         for _ in range(spec["warmup"]):

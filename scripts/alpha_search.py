@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main  # noqa: E402
-from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: E402
-from esmfold_peft.fold.config import ADAPTERS, project_root  # noqa: E402
-from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,  # noqa: E402
+from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from esmfold_peft.fold.config import ADAPTERS
+from esmfold_peft.runtime.rundir import project_root
+from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,
                                       alpha_search, fmt_alpha, parse_multipliers, require_alpha,
                                       search_base_config, search_markdown, stages)
 

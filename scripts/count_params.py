@@ -15,11 +15,9 @@ meta device: no memory is used); the closed-form count is printed beside it as a
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.adapters import (ARCHITECTURES, METHODS, AdapterConfigError, AttentionLayout,  # noqa: E402
+from esmfold_peft.adapters import (ARCHITECTURES, METHODS, AdapterConfigError, AttentionLayout,
                                    LayoutError, architecture, build_adapter, config_from_dict, parse_modes)
 
 

@@ -30,12 +30,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.runtime.cli import (exit_code_table, non_negative_int, positive_float, positive_int,  # noqa: E402
+from esmfold_peft.runtime.cli import (exit_code_table, non_negative_int, positive_float, positive_int,
                                       run_main)
-from esmfold_peft.runtime.errors import EXIT_OK  # noqa: E402
-from esmfold_peft.fold.finetune_demo import (NEW_FAMILY_KINDS, RESULTS_JSON, RESULTS_MD, DemoSettings,  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_OK
+from esmfold_peft.fold.finetune_demo import (NEW_FAMILY_KINDS, RESULTS_JSON, RESULTS_MD, DemoSettings,
                                              run_demo)
 
 DEFAULTS = DemoSettings()
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from esmfold_peft.fold.config import project_root
+    from esmfold_peft.runtime.rundir import project_root
 
     changes = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
     settings = DemoSettings.smoke(**changes) if args.smoke else DemoSettings(**changes)

@@ -18,20 +18,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY  # noqa: E402
-from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths  # noqa: E402
-from esmfold_peft.eval.lddt import LDDT_CUTOFF  # noqa: E402
-from esmfold_peft.eval.report import summarize  # noqa: E402
-from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run  # noqa: E402
-from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main  # noqa: E402
-from esmfold_peft.runtime.text import format_score  # noqa: E402
-from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE  # noqa: E402
+from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY
+from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths
+from esmfold_peft.eval.lddt import LDDT_CUTOFF
+from esmfold_peft.eval.report import summarize
+from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run
+from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main
+from esmfold_peft.runtime.text import format_score
+from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     files_mode = args.pred is not None or args.ref is not None
     if args.run is not None:
         if files_mode:

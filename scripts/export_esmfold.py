@@ -21,10 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main  # noqa: E402
-from esmfold_peft.runtime.errors import EXIT_OK, UserError  # noqa: E402
+from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
+from esmfold_peft.runtime.errors import EXIT_OK, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.data.demo import demo_paths, ensure_demo_data  # noqa: E402
-from esmfold_peft.runtime.cli import run_main  # noqa: E402
+from esmfold_peft.data.demo import demo_paths, ensure_demo_data
+from esmfold_peft.runtime.cli import run_main
 
 
 def main() -> int:

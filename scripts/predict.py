@@ -25,14 +25,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,  # noqa: E402
+from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,
                                       positive_int, run_main)
-from esmfold_peft.runtime.errors import EXIT_OK, EXIT_SOME_FAILED  # noqa: E402
-from esmfold_peft.fold.predict import (DEFAULT_MAX_TOKENS, DEFAULT_MERGE_TOLERANCE, MergeMismatchError,  # noqa: E402
+from esmfold_peft.runtime.errors import EXIT_OK, EXIT_SOME_FAILED
+from esmfold_peft.fold.predict import (DEFAULT_MAX_TOKENS, DEFAULT_MERGE_TOLERANCE, MergeMismatchError,
                                        predict_fasta)
-from esmfold_peft.runtime.session import world_size  # noqa: E402
+from esmfold_peft.runtime.session import world_size
 
 
 def build_parser() -> argparse.ArgumentParser:

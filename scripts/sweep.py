@@ -25,15 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main  # noqa: E402
-from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK  # noqa: E402
-from esmfold_peft.fold.config import project_root  # noqa: E402
-from esmfold_peft.fold.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,  # noqa: E402
+from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main
+from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK
+from esmfold_peft.runtime.rundir import project_root
+from esmfold_peft.fold.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,
                                       search_base_config)
-from esmfold_peft.fold.search_report import COMPLETED, fmt_alpha, sweep_markdown  # noqa: E402
-from esmfold_peft.fold.sweep import parse_runs, run_sweep  # noqa: E402
+from esmfold_peft.fold.search_report import COMPLETED, fmt_alpha, sweep_markdown
+from esmfold_peft.fold.sweep import parse_runs, run_sweep
 
 
 

@@ -16,10 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main  # noqa: E402
-from esmfold_peft.runtime.errors import EXIT_OK, UserError  # noqa: E402
+from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
+from esmfold_peft.runtime.errors import EXIT_OK, UserError
 
 
 def parse_args(argv=None):
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from esmfold_peft.nlp.config import load_config
-    from esmfold_peft.nlp.sources import project_root
+    from esmfold_peft.runtime.rundir import project_root
     from esmfold_peft.nlp.sweep import run_sweep
     from esmfold_peft.runtime.config import apply_overrides
 

@@ -9,9 +9,10 @@ Examples:
   python scripts/train_fold.py --config paper_d4 --set data.mmcif_dir=/data/pdb_mmcif \\
       --set data.chain_data_cache=/data/chain_data_cache.json           # the paper's experiment (GPU)
   torchrun --nproc_per_node 8 scripts/train_fold.py --config paper_d4 --out runs/d4 ...   # several GPUs / nodes
-  python scripts/train_fold.py --config esmfold_finetune --set model.init_from=esmfold_3B_v1.pt \
-      --set model.lm.path=esm2_t36_3B_UR50D.pt --set data.source=dir --set data.train_dir=my_family/ \
+  python scripts/train_fold.py --config esmfold_finetune --set model.init_from=esmfold_3B_v1.pt \\
+      --set model.lm.path=esm2_t36_3B_UR50D.pt --set data.source=dir --set data.train_dir=my_family/ \\
       --set data.val_dir=my_family_val/ --adapter-scope both   # fine-tune Meta's ESMFold on your family (GPU)
+  python scripts/train_fold.py --adapter lorta --log tensorboard       # and: tensorboard --logdir runs/<run>/tensorboard
 
 --resume reads the run's own config.json: flags given with it override only what they name, and only
 the run's length (--steps), its cadence, its device and the paths of its inputs may change.
@@ -23,13 +24,12 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, overrides_from, positive_float,  # noqa: E402
-                                      positive_int, run_main)
-from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
-from esmfold_peft.runtime.session import world_size  # noqa: E402
-from esmfold_peft.fold.config import ADAPTERS, SCOPES  # noqa: E402
+from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
+                                      overrides_from, positive_float, positive_int, run_main)
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
+from esmfold_peft.runtime.session import world_size
+from esmfold_peft.fold.config import ADAPTERS, SCOPES
 
 
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
                                                          "with the config stored in the run")
     add_set_argument(p, "model.trunk.num_blocks=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
@@ -66,7 +66,8 @@ def flag_overrides(args) -> list[str]:
     """The `key=value` overrides the explicit flags stand for (flags not given change nothing)."""
     flags = {"adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
              "adapter.modes": args.modes, "adapter.scope": args.adapter_scope, "train.steps": args.steps, "train.seed": args.seed,
-             "train.crop_size": args.crop_size, "train.device": args.device}
+             "train.crop_size": args.crop_size, "train.device": args.device, "train.keep": args.keep,
+             "train.loggers": loggers_flag(args)}
     return overrides_from(flags, args.set)
 
 
@@ -79,24 +80,23 @@ def check_flags(args, method: str) -> None:
 
 
 def resolve(args):
-    from esmfold_peft.fold.runs import new_run_config, read_run_config, resume_run_config
+    from esmfold_peft.fold.runs import new_run_config, resume_run_config, stored_run_config
 
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out RUN_DIR")
-        stored = read_run_config(args.out)
+        stored = stored_run_config(args.out)  # the one read of the run's config.json in this command
         if args.config is not None:
             logging.info("--resume continues the run with its own config.json; --config %s is not read", args.config)
-        method = args.adapter or stored.adapter.method
-        check_flags(args, method)
-        return resume_run_config(args.out, flag_overrides(args))
+        check_flags(args, args.adapter or stored.adapter.method)
+        return resume_run_config(args.out, flag_overrides(args), stored=stored)
     cfg = new_run_config(args.config or "demo", flag_overrides(args))
     check_flags(args, cfg.adapter.method)
     return cfg
 
 
 def default_out(cfg) -> Path:
-    from esmfold_peft.fold.config import project_root
+    from esmfold_peft.runtime.rundir import project_root
 
     name = f"{cfg.name}-{cfg.adapter.method}"
     if cfg.adapter.method in ("lorta", "lora"):

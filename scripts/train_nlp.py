@@ -21,11 +21,10 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esmfold_peft.runtime.cli import (add_set_argument, exit_code_table, non_negative_int, positive_float,  # noqa: E402
-                                      overrides_from, positive_int, run_main)
-from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError  # noqa: E402
+from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
+                                      non_negative_int, overrides_from, positive_float, positive_int, run_main)
+from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 
 METHODS = ("lorta", "lora", "none", "full")
 
@@ -52,13 +51,14 @@ def parse_args(argv=None):
                                                          "flags given override only what they name")
     add_set_argument(p, "train.batch_size=32")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
 def flag_overrides(args) -> list[str]:
     flags = {"task": args.task, "adapter.method": args.adapter, "adapter.rank": args.rank, "adapter.alpha": args.alpha,
-             "train.steps": args.steps, "train.seed": args.seed, "train.device": args.device}
+             "train.steps": args.steps, "train.seed": args.seed, "train.device": args.device, "train.keep": args.keep,
+             "train.loggers": loggers_flag(args)}
     return overrides_from(flags, args.set)
 
 
@@ -71,7 +71,7 @@ def resolve_new(args):
 
 
 def default_out(cfg) -> Path:
-    from esmfold_peft.nlp.sources import project_root
+    from esmfold_peft.runtime.rundir import project_root
 
     name = f"nlp-{cfg.task}-{cfg.adapter.method}"
     if cfg.adapter.method in ("lorta", "lora"):

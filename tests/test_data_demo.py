@@ -29,8 +29,10 @@ def test_split_is_deterministic_and_order_free():
 
 def test_default_root_is_in_the_project():
     paths = demo.demo_paths()
-    assert paths.root == demo.project_root() / "data" / "demo"
-    assert (demo.project_root() / "pyproject.toml").is_file()
+    from esmfold_peft.runtime.rundir import project_root
+
+    assert paths.root == project_root() / "data" / "demo"
+    assert (project_root() / "pyproject.toml").is_file()
 
 
 def fake_demo(root):

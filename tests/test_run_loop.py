@@ -8,14 +8,13 @@ is in the middle of the run, as in a real run that overfits or is extended too f
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from esmfold_peft.runtime import loop as loop_module
 from esmfold_peft.runtime.artifacts import torch_load, torch_save
-from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, UserError
+from esmfold_peft.runtime.errors import EXIT_OK, ConfigError, UserError
 from esmfold_peft.runtime.loop import Schedule, StepResult, TrainingTask, run_training
 from esmfold_peft.runtime.rundir import RunDir
 from esmfold_peft.runtime.session import step_seed

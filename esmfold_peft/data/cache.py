@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from esmfold_peft.atomic import atomic_write, write_json_atomic
 from esmfold_peft.data.sources import Entry, Source
 from esmfold_peft.data.structures import Chain, StructureError, chain_fault, parse_structure
 from esmfold_peft.runtime.errors import ArtifactError
+from esmfold_peft.runtime.progress import Progress
 
 CACHE_FORMAT_VERSION = 2  # 2: sanitised chain file names, unusable chains skipped
 MANIFEST = "manifest.json"
@@ -220,8 +220,7 @@ def _reusable(previous: dict, state: dict, chains_dir: Path) -> bool:
 
 def _parse_files(todo: list, chains_dir: Path, workers: int, progress: bool):
     """Yield (path, file record) for each file, in parallel when workers > 1."""
-    bar = tqdm(total=len(todo), desc="preprocessing structures", unit="file",
-               disable=not progress or not todo)
+    bar = Progress(len(todo), "preprocessing structures", enabled=progress and bool(todo), unit="file")
     args = [(path, chain_ids, state, str(chains_dir)) for path, chain_ids, state in todo]
     try:
         if workers > 1 and len(todo) > 1:

@@ -29,7 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from esmfold_peft.runtime.registry import FetchError, pip_download, project_root  # noqa: F401 (project_root: API)
+from esmfold_peft.runtime.registry import FetchError, pip_download
+from esmfold_peft.runtime.rundir import project_root
 
 TS50_REQUIREMENT = "mdanalysistests==2.11.0"
 TS50_MEMBER_DIR = "MDAnalysisTests/data/dssp/"

@@ -18,7 +18,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from esmfold_peft.data.structures import (STRUCTURE_FORMATS, Chain, StructureError, chain_fault, file_stem,
                                           is_structure_file, parse_structure)
@@ -27,6 +26,7 @@ from esmfold_peft.eval.lddt import LDDT_CUTOFF
 from esmfold_peft.eval.pairing import pair_chains
 from esmfold_peft.eval.report import EvaluationFailure, ReportFiles, write_report
 from esmfold_peft.runtime.errors import ArtifactError, UserError
+from esmfold_peft.runtime.progress import Progress
 from esmfold_peft.runtime.rundir import ensure_writable_dir
 
 _FORMATS = f"{', '.join(STRUCTURE_FORMATS)}, optionally .gz"
@@ -129,7 +129,7 @@ def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
         out_dir: where `report.json`, `report.md` and the figures go (created if needed).
         lddt_cutoff: LDDT inclusion radius in Å (15 in the AF2/OpenFold convention).
         plots: write the PNG figures.
-        progress: show tqdm progress bars (reading files, scoring chains).
+        progress: show progress (bars on a terminal, log lines elsewhere) while reading files and scoring chains.
 
     Raises ArtifactError / UserError for unusable `pred` / `ref` paths (see
     `match_structure_files`), OutputPathError for an unusable `out_dir`; everything per file or
@@ -138,7 +138,7 @@ def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
     file_pairs, failures = match_structure_files(pred, ref)
     ensure_writable_dir(out_dir)
     chain_pairs: list[tuple[Chain, Chain]] = []
-    for pred_path, ref_path in tqdm(file_pairs, desc="reading", unit="file", disable=not progress):
+    for pred_path, ref_path in Progress.over(file_pairs, "reading", enabled=progress, unit="file"):
         pred_chains = _parse(pred_path, failures)
         ref_chains = _parse(ref_path, failures)
         if pred_chains is None or ref_chains is None:
@@ -148,7 +148,7 @@ def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
         failures += [EvaluationFailure(str(ref_path), p) for p in problems]
 
     chains: list[ChainScores] = []
-    for pred_chain, ref_chain in tqdm(chain_pairs, desc="scoring", unit="chain", disable=not progress):
+    for pred_chain, ref_chain in Progress.over(chain_pairs, "scoring", enabled=progress, unit="chain"):
         scored = _score(pred_chain, ref_chain, lddt_cutoff)
         if isinstance(scored, EvaluationFailure):
             failures.append(scored)

@@ -9,7 +9,6 @@ keys get a "did you mean", values of the wrong type a plain message (`esmfold_pe
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import ml_collections as mlc
 
@@ -17,6 +16,7 @@ from ..adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
 from ..runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
 from ..runtime.errors import ConfigError
 from ..runtime.loop import check_run_keys
+from ..runtime.rundir import project_root
 from .losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
@@ -118,12 +118,6 @@ def base_config() -> mlc.ConfigDict:
     })
     cfg.val = mlc.ConfigDict({"num_recycles": 3, "crop_size": 0})
     return cfg
-
-
-def project_root() -> Path:
-    from ..data.demo import project_root as root
-
-    return root()
 
 
 # keys that hold file or folder paths: stored portably in a run's config.json, overridable when a run moves

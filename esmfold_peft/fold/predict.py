@@ -57,13 +57,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .. import compat  # noqa: F401  (must precede openfold imports)
 from ..adapters import get_adapter_set, has_adapters
 from ..atomic import atomic_write, write_json_atomic
 from ..data.fasta import CHAIN_SEPARATOR, BadRecord, SequenceRecord, read_fasta
 from ..runtime.errors import UserError
+from ..runtime.progress import Progress
 from ..runtime.rundir import ensure_writable_dir
 from ..runtime.session import resolve_device, setup_distributed, world_size
 from ..runtime.text import finite_or_none
@@ -560,6 +560,94 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             dist.destroy_process_group()
 
 
+class PredictionWriter:
+    """What one process writes: each record's files (PDB, PAE, JSON), its share of predictions.json, and on
+    rank 0 under torchrun the merged predictions.json of every process's share."""
+
+    def __init__(self, out_dir: Path, fasta, contents, mine: list, loaded: "_Loaded", settings: dict,
+                 rank: int, world: int, device, started: float):
+        self.out_dir, self.fasta, self.contents, self.mine, self.loaded = out_dir, fasta, contents, mine, loaded
+        self.settings, self.rank, self.world, self.device, self.started = settings, rank, world, device, started
+        self.order = {r.id: i for i, r in enumerate(contents.records)}
+        self.stems = dict(zip((r.id for r in contents.records), file_stems([r.id for r in contents.records])))
+        self.summaries: dict[str, dict] = {}
+        self.failed: list[BadRecord] = []  # records whose prediction failed (FASTA rejections: contents.bad)
+        self.merge_check: Optional[MergeCheck] = None
+        if world > 1:  # a part left by an earlier, interrupted run must not be merged into this one
+            _part_path(out_dir, rank, world).unlink(missing_ok=True)
+
+    def write(self, record, result) -> None:
+        """One record's outcome: its files, or its failure."""
+        if isinstance(result, Prediction) and not result.finite:
+            result = "non-finite coordinates or pLDDT in the prediction"
+        if isinstance(result, str):
+            self.failed.append(BadRecord(record.id, result, record.line))
+            return
+        stem, out = self.stems[record.id], self.out_dir
+        pdb = result.to_pdb(remark=f"{record.id}; B-factors are per-atom pLDDT (0-100)")
+        atomic_write(out / f"{stem}.pdb", lambda tmp: Path(tmp).write_text(pdb))
+        atomic_write(out / f"{stem}{PAE_SUFFIX}", lambda tmp, data=result.pae_npz(): Path(tmp).write_bytes(data))
+        self.summaries[record.id] = _record_summary(record, result, stem, self.settings["num_recycles"])
+        write_json_atomic(out / f"{stem}.json", self.summaries[record.id])
+
+    def part(self, status: str) -> dict:
+        """This process's share of predictions.json."""
+        return {"rank": self.rank, "status": status, "device": str(self.device),
+                "merge_check": self.merge_check.as_dict() if self.merge_check else None,
+                "predictions": [self.summaries[r.id] for r in self.mine if r.id in self.summaries],
+                "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in self.failed]}
+
+    def summary(self, parts: list[dict]) -> dict:
+        """predictions.json from the processes' parts."""
+        records, bad, model = self.contents.records, self.contents.bad, self.loaded.model
+        predicted = sorted((p for pt in parts for p in pt["predictions"]), key=lambda p: self.order[p["id"]])
+        prediction_failures = sorted((f for pt in parts for f in pt["failures"]), key=lambda f: f["line"])
+        combined = _merged_check([_check_from_dict(pt["merge_check"]) for pt in parts])
+        statuses = {pt["status"] for pt in parts}
+        return {
+            "status": "completed" if statuses == {"completed"} and len(parts) == self.world else "interrupted",
+            "fasta": str(self.fasta), **self.loaded.source, "adapter": self.loaded.adapter,
+            "adapter_merged": combined is not None, "merge_check": combined.as_dict() if combined else None,
+            "language_model": getattr(model, "lm_description", ""),
+            "device": parts[0]["device"] if parts else str(self.device), "processes": self.world,
+            **self.settings, "chunk_size": getattr(model.trunk, "chunk_size", None),
+            "multimer": {"chain_separator": CHAIN_SEPARATOR, "chain_linker": CHAIN_LINKER,
+                         "residue_index_offset": RESIDUE_INDEX_OFFSET, "linker_in_outputs": False,
+                         "ptm": "without the linker", "residue_numbering": "each chain from 1"},
+            "plddt": "per-atom pLDDT, 0..100, in each atom's B-factor; mean_plddt: mean of the residues' Cα pLDDT",
+            "pae": f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed",
+            "ptm_head_trained": self.loaded.ptm_head_trained,
+            "n_records": len(records) + len(bad), "n_predicted": len(predicted),
+            "n_failed": len(bad) + len(prediction_failures),
+            "n_not_reached": len(records) - len(predicted) - len(prediction_failures),
+            "seconds_total": time.perf_counter() - self.started,
+            "predictions": predicted,
+            "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in bad] + prediction_failures,
+        }
+
+    def finish(self, status: str) -> dict:
+        """Write predictions.json (under torchrun rank 0 merges the processes' parts) and return it."""
+        out, rank, world = self.out_dir, self.rank, self.world
+        if world == 1:
+            merged = self.summary([self.part(status)])
+            write_json_atomic(out / SUMMARY_FILE, merged)
+            return merged
+        write_json_atomic(_part_path(out, rank, world), self.part(status))
+        if status != "completed":  # no barrier: the others may be gone; rank 0 merges what is there
+            if rank == 0:
+                write_json_atomic(out / SUMMARY_FILE, self.summary(_read_parts(out, world)))
+            return {}
+        dist.barrier()
+        merged = self.summary(_read_parts(out, world))
+        if rank == 0:
+            write_json_atomic(out / SUMMARY_FILE, merged)
+        dist.barrier()  # every process has read the parts, and predictions.json exists
+        if rank == 0:
+            for r in range(world):
+                _part_path(out, r, world).unlink(missing_ok=True)
+        return merged
+
+
 def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_recycles, torch_device, rank,
              world, max_length, max_tokens_per_batch, chunk_size, merge, merge_tolerance, progress, overrides,
              started) -> PredictionRun:
@@ -567,117 +655,44 @@ def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
         for bad in contents.bad:
             log.warning("skipping FASTA record %s", bad)
     out_dir = ensure_writable_dir(Path(out_dir))
-    if world > 1:  # a part left by an earlier, interrupted run must not be merged into this one
-        _part_path(out_dir, rank, world).unlink(missing_ok=True)
     loaded = _load_model(run_dir, checkpoint, esmfold, lm, overrides, torch_device)
     model = loaded.model
     model.to(torch_device).eval()
     if chunk_size is not None:
         model.trunk.set_chunk_size(chunk_size)
     recycles = int(loaded.default_recycles if num_recycles is None else num_recycles)
-
     records = contents.records
-    order = {r.id: i for i, r in enumerate(records)}
-    stems = dict(zip((r.id for r in records), file_stems([r.id for r in records])))
     mine = ([records[i] for i in shard_records([model_length(r.sequence) for r in records], world)[rank]]
             if world > 1 else records)
     batches = [[mine[i] for i in batch]
                for batch in length_batches([model_length(r.sequence) for r in mine], max_tokens_per_batch)]
-    bar = tqdm(total=len(mine), desc="predicting", unit="seq", disable=not progress or rank != 0)
-    merge_check, done = None, {}
-    summaries: dict[str, dict] = {}
-    failed: list[BadRecord] = []  # records whose prediction failed (FASTA rejections are in contents.bad)
-
-    def part(status: str) -> dict:
-        """This process's share of predictions.json."""
-        return {"rank": rank, "status": status, "device": str(torch_device),
-                "merge_check": merge_check.as_dict() if merge_check else None,
-                "predictions": [summaries[r.id] for r in mine if r.id in summaries],
-                "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in failed]}
-
-    def summary(parts: list[dict]) -> dict:
-        """predictions.json from the processes' parts."""
-        predicted = sorted((p for pt in parts for p in pt["predictions"]), key=lambda p: order[p["id"]])
-        prediction_failures = sorted((f for pt in parts for f in pt["failures"]), key=lambda f: f["line"])
-        combined = _merged_check([_check_from_dict(pt["merge_check"]) for pt in parts])
-        statuses = {pt["status"] for pt in parts}
-        return {
-            "status": "completed" if statuses == {"completed"} and len(parts) == world else "interrupted",
-            "fasta": str(fasta), **loaded.source, "adapter": loaded.adapter,
-            "adapter_merged": combined is not None, "merge_check": combined.as_dict() if combined else None,
-            "language_model": getattr(model, "lm_description", ""), "device": parts[0]["device"] if parts else
-            str(torch_device), "processes": world, "num_recycles": recycles, "max_length": max_length,
-            "max_tokens_per_batch": max_tokens_per_batch, "chunk_size": getattr(model.trunk, "chunk_size", None),
-            "multimer": {"chain_separator": CHAIN_SEPARATOR, "chain_linker": CHAIN_LINKER,
-                         "residue_index_offset": RESIDUE_INDEX_OFFSET, "linker_in_outputs": False,
-                         "ptm": "without the linker", "residue_numbering": "each chain from 1"},
-            "plddt": "per-atom pLDDT, 0..100, in each atom's B-factor; mean_plddt: mean of the residues' Cα pLDDT",
-            "pae": f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed",
-            "ptm_head_trained": loaded.ptm_head_trained,
-            "n_records": len(records) + len(contents.bad), "n_predicted": len(predicted),
-            "n_failed": len(contents.bad) + len(prediction_failures),
-            "n_not_reached": len(records) - len(predicted) - len(prediction_failures),
-            "seconds_total": time.perf_counter() - started,
-            "predictions": predicted,
-            "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in contents.bad] + prediction_failures,
-        }
-
-    def finish(status: str) -> dict:
-        """Write predictions.json (under torchrun rank 0 merges the processes' parts) and return it."""
-        summary_path = out_dir / SUMMARY_FILE
-        if world == 1:
-            merged = summary([part(status)])
-            write_json_atomic(summary_path, merged)
-            return merged
-        write_json_atomic(_part_path(out_dir, rank, world), part(status))
-        if status != "completed":  # no barrier: the others may be gone; rank 0 merges what is there
-            if rank == 0:
-                write_json_atomic(summary_path, summary(_read_parts(out_dir, world)))
-            return {}
-        dist.barrier()
-        merged = summary(_read_parts(out_dir, world))
-        if rank == 0:
-            write_json_atomic(summary_path, merged)
-        dist.barrier()  # every process has read the parts, and predictions.json exists
-        if rank == 0:
-            for r in range(world):
-                _part_path(out_dir, r, world).unlink(missing_ok=True)
-        return merged
-
+    writer = PredictionWriter(out_dir, fasta, contents, mine, loaded, {
+        "num_recycles": recycles, "max_length": max_length, "max_tokens_per_batch": max_tokens_per_batch},
+        rank, world, torch_device, started)
+    bar = Progress(len(mine), "predicting", enabled=progress and rank == 0, unit="seq")
     try:
+        done = {}
         if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
             log.info("the language model is stored in bf16: adapters are applied unmerged")
             merge = False
         if merge and adapted_parts(model) and batches:
-            merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device,
-                                                        recycles, merge_tolerance)
+            writer.merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device,
+                                                               recycles, merge_tolerance)
             done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
+            c = writer.merge_check
             log.info("adapter merged: max deviation from unmerged %.2g Å (positions), %.2g (pLDDT) on %d "
-                     "sequence(s)", merge_check.max_position_deviation, merge_check.max_plddt_deviation,
-                     merge_check.n_sequences)
+                     "sequence(s)", c.max_position_deviation, c.max_plddt_deviation, c.n_sequences)
         for k, batch in enumerate(batches):
-            bar.set_postfix(length=model_length(batch[-1].sequence), batch=len(batch), refresh=False)
-            results = done.pop(k) if k in done else _predict_or_split(model, batch, torch_device, recycles)
-            for record, result in results:
-                if isinstance(result, Prediction) and not result.finite:
-                    result = "non-finite coordinates or pLDDT in the prediction"
-                if isinstance(result, str):
-                    failed.append(BadRecord(record.id, result, record.line))
-                    continue
-                stem = stems[record.id]
-                pdb = result.to_pdb(remark=f"{record.id}; B-factors are per-atom pLDDT (0-100)")
-                atomic_write(out_dir / f"{stem}.pdb", lambda tmp, text=pdb: Path(tmp).write_text(text))
-                atomic_write(out_dir / f"{stem}{PAE_SUFFIX}",
-                             lambda tmp, data=result.pae_npz(): Path(tmp).write_bytes(data))
-                summaries[record.id] = _record_summary(record, result, stem, recycles)
-                write_json_atomic(out_dir / f"{stem}.json", summaries[record.id])
-            bar.update(len(batch))
+            for record, result in done.pop(k) if k in done else _predict_or_split(model, batch, torch_device,
+                                                                                  recycles):
+                writer.write(record, result)
+            bar.update(len(batch), length=model_length(batch[-1].sequence), batch=len(batch))
     except KeyboardInterrupt:
         bar.close()
-        finish("interrupted")
+        writer.finish("interrupted")
         raise
     bar.close()
-    merged = finish("completed")
+    merged = writer.finish("completed")
     failures = list(contents.bad) + [BadRecord(f["id"], f["reason"], f["line"])
                                      for f in merged["failures"][len(contents.bad):]]
     return PredictionRun(out_dir, out_dir / SUMMARY_FILE, merged["predictions"], failures,

@@ -12,6 +12,7 @@ named with its stored and requested values.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,9 +20,9 @@ import ml_collections as mlc
 
 from ..runtime.config import apply_overrides, coerce, describe_differences, differences, flatten, lookup
 from ..runtime.errors import ConfigError, UserError
-from ..runtime.rundir import RunDir, map_paths, resolve_path, store_path
-from .config import (PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, check_new_run, load_config,
-                     project_root, resolve_alpha)
+from ..runtime.rundir import RunDir, map_paths, project_root, resolve_path, store_path
+from .config import PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, check_new_run, load_config, \
+    resolve_alpha
 
 SECTIONS = ("model", "adapter", "loss", "optim", "train", "data", "val")
 # keys newer than the first runs: a stored config without them takes the default
@@ -80,12 +81,8 @@ def working_form(stored: dict, run_dir: Optional[Path]) -> mlc.ConfigDict:
     return cfg
 
 
-def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
-                    use_overrides: Optional[Sequence[str]] = None) -> mlc.ConfigDict:
-    """The run's config as it can be used here, with `key=value` overrides (e.g. a moved LM, a chunk size).
-
-    `use_overrides`: the key prefixes the overrides may touch (None: any; resuming checks its own rule).
-    """
+def stored_run_config(run_dir: Path) -> mlc.ConfigDict:
+    """The run's config.json, typed and checked, paths resolved against where run and project are now."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"{run.path}: no such run directory")
@@ -100,6 +97,14 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
         check_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{run.config}: {exc}") from exc
+    return cfg
+
+
+def with_overrides(cfg: mlc.ConfigDict, overrides: Sequence[str] = (),
+                   use_overrides: Optional[Sequence[str]] = None) -> mlc.ConfigDict:
+    """A copy of a run's config with `key=value` overrides (their keys checked, the values by the caller);
+    `use_overrides`: the key prefixes they may touch (None: any)."""
+    cfg = copy.deepcopy(cfg)
     for item in overrides:  # form and key first: a typo is named as one, not as a locked key
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
@@ -110,22 +115,37 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
         if locked:
             raise ConfigError(f"{', '.join(locked)}: cannot be changed when using a trained run (it would not be "
                               f"the model that was trained); changeable: paths, {', '.join(USE_FREE[-4:])}")
-    apply_overrides(cfg, overrides)
-    check_config(cfg)
+    return apply_overrides(cfg, overrides)
+
+
+def read_run_config(run_dir: Path, overrides: Sequence[str] = (),
+                    use_overrides: Optional[Sequence[str]] = None) -> mlc.ConfigDict:
+    """The run's config as it can be used here, with `key=value` overrides (e.g. a moved LM, a chunk size)."""
+    cfg = with_overrides(stored_run_config(run_dir), overrides, use_overrides)
+    if overrides:
+        check_config(cfg)
     return cfg
 
 
-def resume_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-    """The run's own config with the resume-time overrides; refused when they change what a run cannot."""
-    cfg = finish(read_run_config(run_dir, overrides))
-    check_resumable_config(run_dir, cfg)
+def resume_run_config(run_dir: Path, overrides: Sequence[str] = (),
+                      stored: Optional[mlc.ConfigDict] = None) -> mlc.ConfigDict:
+    """The run's own config with the resume-time overrides; refused when they change what a run cannot.
+
+    `stored`: the run's config when the caller has read it already (`stored_run_config`): read once.
+    """
+    stored = stored if stored is not None else stored_run_config(run_dir)
+    cfg = finish(with_overrides(stored, overrides))
+    refuse_locked_changes(run_dir, stored.to_dict(), cfg)
     return cfg
 
 
 def check_resumable_config(run_dir: Path, cfg: mlc.ConfigDict) -> None:
     """ConfigError naming every key where `cfg` differs from the run's stored config outside `RESUME_FREE`."""
-    stored = read_run_config(run_dir)
-    locked = [d for d in differences(stored.to_dict(), cfg.to_dict())
+    refuse_locked_changes(run_dir, working_form(RunDir(run_dir).read_config(), Path(run_dir)).to_dict(), cfg)
+
+
+def refuse_locked_changes(run_dir: Path, stored: dict, cfg: mlc.ConfigDict) -> None:
+    locked = [d for d in differences(stored, cfg.to_dict())
               if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE)]
     if locked:
         raise ConfigError(f"cannot resume {run_dir} with a different configuration: "

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm import tqdm
 
 from ..data.features import collate
 from ..eval.lddt import lddt_ca_torch
+from ..runtime.progress import Progress
 from ..runtime.session import autocast_for
 from .model import CA, predicted_atom37
 
@@ -28,7 +28,7 @@ def validate(model, dataset, device: torch.device, num_recycles: int = 3, bf16: 
     n = len(dataset) if not max_chains else min(max_chains, len(dataset))
     chains, outputs = [], []
     try:
-        for i in tqdm(range(n), desc="validation", disable=not progress, leave=False):
+        for i in Progress.over(range(n), "validation", enabled=progress, unit="chain", leave=False, every=60.0):
             feats = dataset[i]
             batch = {k: v.to(device) for k, v in collate([feats]).items()}
             with autocast_for(device, bf16):

@@ -15,9 +15,9 @@ import ml_collections as mlc
 from ..runtime.config import apply_overrides, describe_differences, differences, load_config_file
 from ..runtime.errors import ConfigError
 from ..runtime.loop import check_run_keys
+from ..runtime.rundir import project_root
 from .glue import TASKS
 from .models import METHODS
-from .sources import project_root
 
 LM_TASKS = ("alpaca", "dpo")
 ALL_TASKS = tuple(TASKS) + LM_TASKS

@@ -26,7 +26,8 @@ from typing import Dict, Optional
 
 from ..runtime.artifacts import verify_checksum, write_checksummed
 from ..runtime.errors import ArtifactError, UserError
-from ..runtime.registry import pip_download, project_root, read_member
+from ..runtime.registry import pip_download, read_member
+from ..runtime.rundir import project_root
 
 log = logging.getLogger("esmfold_peft.nlp")
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..adapters import is_adapted, save_adapter
 from ..runtime.artifacts import load_safetensors, save_safetensors, torch_load, torch_save
-from ..runtime.errors import ArtifactError, UserError
+from ..runtime.errors import ArtifactError
 from ..runtime.loop import Context, Schedule, StepResult, TrainingTask
 from ..runtime.rundir import RunDir
 from ..runtime.session import step_seed

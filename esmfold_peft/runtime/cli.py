@@ -58,6 +58,27 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str = "model.trun
                         help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training scripts' flags for what the run loop does besides training: loggers, the kept model, bars."""
+    from .loggers import LOGGERS
+
+    parser.add_argument("--log", action="append", choices=LOGGERS, metavar="LOGGER",
+                        help=f"also log to {', '.join(LOGGERS)} (repeatable; train.loggers): TensorBoard events in "
+                             "RUN/tensorboard, W&B offline in RUN/wandb, RUN/metrics.csv; metrics.jsonl is always "
+                             "written")
+    parser.add_argument("--keep", choices=("best", "last"),
+                        help="the model a finished run exports (train.keep): best (its best validation score, "
+                             "default) or last")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: a log line every train.log_every steps instead (also when stderr "
+                             "is not a terminal)")
+
+
+def loggers_flag(args) -> "str | None":
+    """`train.loggers` for the --log flags given (None: not given)."""
+    return ",".join(dict.fromkeys(args.log)) if args.log else None
+
+
 def overrides_from(flags: dict, extra=()) -> list[str]:
     """`key=value` overrides for the flags that were given (None = not given), then the `--set` ones."""
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(extra)

@@ -18,13 +18,15 @@ import sys
 import time
 from typing import Optional
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 log = logging.getLogger("esmfold_peft.progress")
 
 
 def is_terminal() -> bool:
-    """Whether progress bars can redraw in place: stderr (where tqdm draws) is a terminal."""
+    """Whether progress bars can redraw in place: stderr (where tqdm draws) is a terminal, or a notebook."""
+    if "ipykernel" in sys.modules:  # tqdm.auto draws a widget there
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -54,6 +56,17 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
         self.started = self.last_line = time.time()
         self.printed = initial  # the count the last line showed
+
+    @classmethod
+    def over(cls, items, desc: str, **kwargs):
+        """Iterate `items` (a sized collection) with progress shown."""
+        bar = cls(len(items), desc, **kwargs)
+        try:
+            for item in items:
+                yield item
+                bar.update(1)
+        finally:
+            bar.close()
 
     def __enter__(self) -> "Progress":
         return self

@@ -24,12 +24,6 @@ class FetchError(UserError):
     """A distribution could not be fetched from the package registry; the message says how to get it by hand."""
 
 
-def project_root() -> Path:
-    """The checkout holding this package (the folder with pyproject.toml), else the current folder."""
-    candidate = Path(__file__).resolve().parents[2]
-    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
-
-
 def pip_download(requirement: str, dest: Path, *, source_only: bool, sha256: Optional[str], by_hand: str) -> Path:
     """Download one pinned distribution (`name==version`) into `dest`; its path, checksum verified.
 

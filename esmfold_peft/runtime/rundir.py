@@ -230,6 +230,12 @@ def ensure_writable_dir(path: Path) -> Path:
 
 # --- portable paths -------------------------------------------------------------------------------
 
+def project_root() -> Path:
+    """The checkout holding this package (the folder with pyproject.toml), else the current folder."""
+    candidate = Path(__file__).resolve().parents[2]
+    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
+
+
 def store_path(value: str, run_dir: Path, project_root: Path) -> str:
     """A path as the run's config stores it: `{run}/…` inside the run, `{project}/…` inside the project."""
     if not value or "{" in value:
