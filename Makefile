@@ -30,7 +30,9 @@ demo-nlp: setup
 demo-finetune: setup
 	$(PY) scripts/demo_finetune.py
 
+# the demo data (TS50, ESM-2 8M) some tests read is fetched first, as set-up (idempotent, instant once there)
 test: setup
+	$(PY) scripts/fetch_demo_data.py --quiet
 	$(PY) -m pytest -q --durations=10
 
 test-fast: setup

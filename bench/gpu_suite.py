@@ -432,6 +432,7 @@ def ddp_worker(spec: dict) -> None:
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     d, device = setup_distributed(spec["device"])
+    finished = False
     try:
         cfg = fold_config(spec["smoke"])
         seed_everything(spec["seed"])  # the same initial model in every process
@@ -472,8 +473,9 @@ def ddp_worker(spec: dict) -> None:
             Path(spec["result_file"]).write_text(json.dumps({
                 "backend": dist.get_backend(), "world_size": d.world, "seconds_per_step": float(t.item()),
                 "max_parameter_spread_across_processes": spread, "trainable_parameters": int(flat.numel())}))
+        finished = True
     finally:
-        teardown_distributed()
+        teardown_distributed(synchronize=finished)
 
 
 def section_ddp(args, device, smoke: bool, single_step: dict | None) -> dict:

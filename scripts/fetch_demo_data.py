@@ -17,20 +17,22 @@ from esmfold_peft.data.demo import demo_paths, ensure_demo_data
 from esmfold_peft.runtime.cli import run_main
 
 
-def main() -> int:
-    return run_main(_main)
+def main(argv=None) -> int:
+    return run_main(_main, argv)
 
 
-def _main() -> int:
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None,
                         help=f"where to put the data (default: {demo_paths().root})")
     parser.add_argument("--force", action="store_true", help="download again even if present")
-    args = parser.parse_args()
+    parser.add_argument("--quiet", action="store_true", help="print nothing unless something fails (make test)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = ensure_demo_data(args.root, force=args.force)
-    print(f"demo data ready in {paths.root} ({time.perf_counter() - start:.1f} s)")
-    print("next: make demo   (trains LoRTA r=8 on it)")
+    paths = ensure_demo_data(args.root, force=args.force, log=(lambda message: None) if args.quiet else print)
+    if not args.quiet:
+        print(f"demo data ready in {paths.root} ({time.perf_counter() - start:.1f} s)")
+        print("next: make demo   (trains LoRTA r=8 on it)")
     return 0
 
 

@@ -85,6 +85,10 @@ def default_out(cfg) -> Path:
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from esmfold_peft.nlp.config import config_for_resume, resolve_defaults
@@ -125,4 +129,4 @@ def print_next_step(out: Path, status: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

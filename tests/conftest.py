@@ -130,3 +130,25 @@ def tiny_lorta_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_lorta_run")
     assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK
     return tmp / "run"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The benchmark smoke runs start now, in the background (tests/background.py); their tests go last.
+
+    While they run on one core, this process computes on the other: one torch thread (two would wait for
+    each other at every parallel region whenever the background holds a core).
+    """
+    import background
+    import torch
+
+    torch.set_num_threads(1)
+
+    files = {test_file: name for name, (test_file, _) in background.JOBS.items()}
+    background.runner.start({files[item.path.name] for item in items if item.path.name in files})
+    items.sort(key=lambda item: item.path.name in files)  # stable: the order within each group is kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import background
+
+    background.runner.finish()

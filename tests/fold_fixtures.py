@@ -10,6 +10,7 @@ into longer pieces), which is all the training mechanics need.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,9 @@ def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
     return Path(path)
 
 
+@functools.lru_cache(maxsize=None)
 def load_script(name: str):
-    """A script of scripts/ as a module (its `main(argv)` is what the tests call)."""
+    """A script of scripts/ as a module, loaded once per test session (its `main(argv)` is what the tests call)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

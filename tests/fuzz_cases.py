@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -108,13 +107,10 @@ class Context:
 
 
 def load_scripts() -> dict:
-    scripts = {}
-    for key, name in (("predict", "predict"), ("evaluate", "evaluate"), ("train", "train_fold")):
-        spec = importlib.util.spec_from_file_location(f"fuzz_{name}_script", ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        scripts[key] = module
-    return scripts
+    from fold_fixtures import load_script
+
+    return {key: load_script(name) for key, name in (("predict", "predict"), ("evaluate", "evaluate"),
+                                                      ("train", "train_fold"))}
 
 
 # --- running and judging ---------------------------------------------------------------------------

@@ -17,6 +17,13 @@ from esmfold_peft.adapters import (AdapterError, AdapterLoadError, AttentionLayo
 from esmfold_peft.adapters.config import TENSOR_MODES, AdapterConfigError, parse_modes
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def count_params():
+    """scripts/count_params.py, loaded once (its `main(argv)` runs in this process)."""
+    from fold_fixtures import load_script
+
+    return load_script("count_params")
 CONFIGS = [LoRTAConfig(rank=4, alpha=8), LoRAConfig(rank=2, alpha=4)]
 
 
@@ -299,11 +306,16 @@ def test_parameter_counts_equal_formulas(arch, modes):
     ("--arch esmfold_3B_v1_tri --adapter lorta --rank 8", 8 * (128 + 32 + 4 + 96 + 4)),
     ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes layers,heads", 4 * 8 * (480 + 24 + 20 + 12)),
 ])
-def test_count_params_script_reproduces_paper(args, params):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), *args.split()],
-                         capture_output=True, text=True, check=True)
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+def test_count_params_script_reproduces_paper(args, params, capsys):
+    assert count_params().main(args.split()) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["params"] == params == record["formula"]
+
+
+def test_count_params_script_runs_as_a_program():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), "--arch", "roberta-base",
+                          "--adapter", "lorta", "--rank", "4"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == 3440
 
 
 @pytest.mark.parametrize("args,message", [
@@ -311,11 +323,10 @@ def test_count_params_script_reproduces_paper(args, params):
     ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes heads+matrices", "not understood: expected a comma"),
     ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes matrices,layers", "LoRTA always tensorises heads"),
 ])
-def test_count_params_script_refuses_bad_modes(args, message):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), *args.split()],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and out.stdout == ""
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_count_params_script_refuses_bad_modes(args, message, capsys):
+    assert count_params().main(args.split()) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and message in out.err and len(out.err.strip().splitlines()) == 1
 
 
 def test_parse_modes_is_the_one_modes_syntax():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import background
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
@@ -23,14 +25,14 @@ def run_script(name, *args, env=None):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nlp-bench")
-    runs = {"nlp_adapter_step": run_script("nlp_adapter_step", "--smoke", "--out", str(folder / "step.json"),
-                                           *([] if HAVE_PEFT else ["--no-peft"])),
-            "nlp_dpo_reference": run_script("nlp_dpo_reference", "--smoke", "--out", str(folder / "dpo.json"))}
-    for name, proc in runs.items():
+def smoke():
+    job = background.result("nlp_bench")  # started with the session (tests/background.py)
+    for name in ("nlp_adapter_step", "nlp_dpo_reference"):
+        proc = job[name]
         assert proc.returncode == 0, name + ": " + proc.stdout[-2000:] + proc.stderr[-4000:]
-    return (json.loads((folder / "step.json").read_text()), json.loads((folder / "dpo.json").read_text()), runs)
+    folder = job["folder"]
+    runs = {name: job[name] for name in ("nlp_adapter_step", "nlp_dpo_reference")}
+    return json.loads((folder / "step.json").read_text()), json.loads((folder / "dpo.json").read_text()), runs
 
 
 @pytest.fixture(scope="module")

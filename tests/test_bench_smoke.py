@@ -1,51 +1,56 @@
 """The benchmark scripts run end to end on their smallest shapes, print their tables and write their JSON.
 
 This checks that `make bench` works, not what it measures: `--smoke` shapes are tiny and their
-timings mean nothing. Each script runs once (module fixture) in a subprocess, as run_all runs it.
+timings mean nothing. Everything runs once, in the background from the start of the session
+(tests/background.py): `run_all.py --smoke` runs each script of `make bench` in its own process, as
+`make bench` does, into a results folder of its own (BENCHMARKS.md untouched); bench/esm_attention.py
+(part of `make bench-long`) runs after it into the same folder.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import background
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SCRIPTS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput", "esm_attention")
 
 
-def run_script(name, out: Path, *extra):
-    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--device", "cpu", "--out", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench") / "cpu-smoke"
-    runs = {name: run_script(name, folder / f"{name}.json", *(["--profile"] if name == "adapter_profile" else []))
-            for name in SCRIPTS}
-    return folder, runs
+def smoke_runs():
+    """(the results folder, {script: its printed output}, run_all's process), from the run the session started."""
+    job = background.result("bench")  # tests/background.py
+    everything = job["run_all"]
+    assert everything.returncode == 0, everything.stdout[-3000:] + everything.stderr[-4000:]
+    assert job["benchmarks_md_untouched"]
+    (folder,) = job["machines"]
+    scripts_output = everything.stdout.split(f"\nwrote {folder}/ and ")[0]  # without run_all's own closing lines
+    printed = {chunk.split(".py ===", 1)[0]: chunk for chunk in scripts_output.split("\n=== ")[1:]}
+    attention = job["esm_attention"]
+    assert attention.returncode == 0, attention.stdout[-2000:] + attention.stderr[-4000:]
+    printed["esm_attention"] = attention.stdout
+    return folder, printed, everything
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_writes_json_and_prints_its_tables_last(smoke_runs, name):
-    folder, runs = smoke_runs
-    proc = runs[name]
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    folder, printed, _ = smoke_runs
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["benchmark"] == name and data["smoke"] is True
     assert data["machine"]["torch_threads"] == 1 and data["machine"]["clock"] == "cpu"
     assert data["tables"] and all(t["rows"] for t in data["tables"])
     last = data["tables"][-1]
-    assert proc.stdout.rstrip().endswith(last["notes"][-1] if last.get("notes") else "|")
+    assert printed[name].rstrip().endswith(last["notes"][-1] if last.get("notes") else "|")
     for table in data["tables"]:
-        assert f"**{table['title']}**" in proc.stdout
+        assert f"**{table['title']}**" in printed[name]
 
 
 def test_adapter_step_covers_every_variant_with_memory(smoke_runs):
-    folder, _ = smoke_runs
+    folder, _, _ = smoke_runs
     data = json.loads((folder / "adapter_step.json").read_text())
     (result,) = data["results"]
     assert set(result["variants"]) == {"floor", "LoRA r=1", "LoRA r=8", "LoRTA r=1", "LoRTA r=8", "LoRTA r=64",
@@ -58,7 +63,7 @@ def test_adapter_step_covers_every_variant_with_memory(smoke_runs):
 
 
 def test_esm_attention_runs_each_cell_in_its_own_limited_process(smoke_runs):
-    folder, _ = smoke_runs
+    folder, _, _ = smoke_runs
     data = json.loads((folder / "esm_attention.json").read_text())
     assert data["config"]["memory_limit_gib"] > 0
     cells = [m for r in data["results"] for m in r["lengths"].values()]
@@ -99,7 +104,7 @@ def test_esm_attention_records_a_variant_out_of_memory_and_measures_the_other(mo
 
 
 def test_report_renders_every_section(smoke_runs):
-    folder, _ = smoke_runs
+    folder, _, _ = smoke_runs
     sys.path.insert(0, str(BENCH))
     try:
         from report import load_runs, render
@@ -112,18 +117,23 @@ def test_report_renders_every_section(smoke_runs):
         assert title in text
 
 
-def test_run_all_writes_run_json_and_markdown_elsewhere_in_smoke_mode(tmp_path):
-    before = (ROOT / "BENCHMARKS.md").stat().st_mtime if (ROOT / "BENCHMARKS.md").exists() else None
-    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--smoke", "--device", "cpu",
-                           "--results-root", str(tmp_path), "--only", "adapter_profile"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+def test_run_all_writes_run_json_and_markdown_elsewhere_in_smoke_mode(smoke_runs):
+    folder, _, everything = smoke_runs
     run = json.loads((folder / "run.json").read_text())
-    assert [b["script"] for b in run["benchmarks"]] == ["adapter_profile.py"]
-    assert "1b. The adapters alone" in (tmp_path / "BENCHMARKS.md").read_text()
-    after = (ROOT / "BENCHMARKS.md").stat().st_mtime if (ROOT / "BENCHMARKS.md").exists() else None
-    assert before == after
+    assert [b["script"] for b in run["benchmarks"]] == [f"{n}.py" for n in SCRIPTS[:-1]]
+    assert all(b["returncode"] == 0 for b in run["benchmarks"])
+    assert "1b. The adapters alone" in (folder.parent / "BENCHMARKS.md").read_text()
+    assert "**Targets**" in everything.stdout
+
+
+def test_esm_attention_compares_the_same_function(smoke_runs):
+    folder, _, _ = smoke_runs
+    data = json.loads((folder / "esm_attention.json").read_text())
+    for result in data["results"]:
+        for m in result["lengths"].values():
+            assert set(m["variants"]) == {"original", "sdpa"}
+            assert m["max_abs_diff_final_representation"] < 1e-4
+            assert all(v["transient_bytes"] > 0 for v in m["variants"].values())
 
 
 def test_run_settings_come_from_the_device_defaults_the_smoke_set_and_the_flags():

@@ -1,29 +1,26 @@
 """The README's main job on real data, shortened: fetch the demo set, train LoRTA, LDDT-Cα rises.
 
-The demo data comes from the package registry (the `demo_data` fixture in conftest.py).
+The demo data comes from the package registry (the `demo_data` fixture in conftest.py). 30 steps (the
+warm-up) of the demo's 300, validation on 4 of its chains: LDDT-Cα rose from 0.013 to 0.071 when written.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from fold_fixtures import load_script
 
 
 @pytest.mark.slow
 def test_demo_training_improves_validation_lddt(tmp_path, demo_data):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_fold.py"), "--config", "demo", "--adapter", "lorta",
-           "--rank", "8", "--steps", "60", "--set", "train.val_every=0", "--set", "train.ckpt_every=0",
-           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--out", str(run), "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["--config", "demo", "--adapter", "lorta", "--rank", "8", "--steps", "30", "--set", "train.val_every=0",
+            "--set", "train.ckpt_every=0", "--set", "data.val_max_chains=4",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--out", str(run), "--no-progress"]
+    assert load_script("train_fold").main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["val_lddt_ca_final"] > summary["val_lddt_ca_initial"]
+    assert summary["val_lddt_ca_final"] > 2 * summary["val_lddt_ca_initial"]
     assert summary["trainable_parameters"]["adapter"] == 8 * (320 + 16 + 20 + 6 + 4)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "training_curves.png").is_file()

@@ -1,6 +1,5 @@
 """scripts/evaluate.py --run: a trained run evaluated on its split as training validates it."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,10 +28,9 @@ def run_dir(tmp_path_factory):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fold_fixtures import load_script as load
+
+    return load("evaluate")
 
 
 def test_val_split_report_matches_validate(run_dir, tmp_path, capsys):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fuzz_cases as fz
-from fold_fixtures import tiny_run_config, write_tiny_config_file
+from fold_fixtures import write_tiny_config_file
 
 TABLE_PATH = Path("/tmp/fuzz_table.md")
 FINDINGS_PATH = Path("/tmp/fuzz_findings.md")
@@ -39,15 +39,10 @@ def _fingerprint(directory: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fuzz_context(tmp_path_factory):
-    """The tiny trained run every case reads (as tests/test_predict.py trains it) and a tiny config file."""
-    from esmfold_peft.runtime.errors import EXIT_OK
-    from esmfold_peft.fold.train import train
-
-    tmp = tmp_path_factory.mktemp("fuzz_run")
-    assert train(tiny_run_config(tmp, adapter="lorta", steps=2), tmp / "run", progress=False) == EXIT_OK
-    config_py = write_tiny_config_file(tmp, steps=1)
-    return fz.Context(run_dir=tmp / "run", config_py=config_py, scripts=fz.load_scripts())
+def fuzz_context(tiny_lorta_run, tmp_path_factory):
+    """The session's tiny trained run, which every case only reads, and a tiny config file."""
+    config_py = write_tiny_config_file(tmp_path_factory.mktemp("fuzz_config"), steps=1)
+    return fz.Context(run_dir=tiny_lorta_run, config_py=config_py, scripts=fz.load_scripts())
 
 
 @pytest.fixture(scope="module")

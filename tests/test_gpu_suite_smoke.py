@@ -9,24 +9,20 @@ utilisation stays empty).
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import background
 
 pytestmark = pytest.mark.slow  # a fresh interpreter, two DDP processes: about a minute, more on a busy machine
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_suite") / "gpu_suite.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--device", "cpu", "--smoke",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def smoke():
+    job = background.result("gpu_suite")  # started with the session (tests/background.py)
+    proc = job["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(job["out"].read_text()), proc.stdout
 
 
 def test_every_section_ran_and_tables_are_printed_last(smoke):

@@ -14,6 +14,7 @@ from esmfold_peft.nlp.models import build_classifier
 from esmfold_peft.nlp.tasks import load_head
 from esmfold_peft.nlp.tasks import batch_indices
 from esmfold_peft.nlp.train import train
+from fold_fixtures import load_script
 from esmfold_peft.runtime.artifacts import load_safetensors, torch_load
 from esmfold_peft.runtime.errors import ConfigError, UserError
 from esmfold_peft.runtime.rundir import RunDir
@@ -206,10 +207,9 @@ def test_script_reports_a_bad_key_in_one_line(tmp_path):
     assert "did you mean 'optim.lr'" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_script_resume_without_a_run_is_a_user_error(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_nlp.py"), "--resume", "--out",
-                          str(tmp_path / "none")], capture_output=True, text=True)
-    assert out.returncode == 2 and "no such run directory" in out.stderr
+def test_script_resume_without_a_run_is_a_user_error(tmp_path, capsys):
+    assert load_script("train_nlp").main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
 
 
 def test_sweep_writes_table_and_plot_and_reuses_runs(tmp_path, scored_file):
@@ -233,19 +233,16 @@ def test_sweep_writes_table_and_plot_and_reuses_runs(tmp_path, scored_file):
     assert run_sweep(make, tmp_path / "sweep", grid, progress=False) == 0 and len(made) == 3  # reused
 
 
-@pytest.mark.slow  # three fresh interpreters importing transformers
-def test_script_trains_then_extends_with_resume(tmp_path, scored_file):
-    script = [sys.executable, str(ROOT / "scripts" / "train_nlp.py")]
+def test_script_trains_then_extends_with_resume(tmp_path, scored_file, capsys):
+    main = load_script("train_nlp").main
     common = ["--set", "model.name=random", "--set", f"data.path={scored_file}", "--set", "model.max_length=32",
               "--set", "train.batch_size=4", "--no-progress"]
     out = tmp_path / "run"
-    first = subprocess.run(script + ["--task", "rt-polarity", "--adapter", "lora", "--rank", "2", "--steps", "2",
-                                     "--out", str(out)] + common, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert f"done: results in {out}/summary.json" in first.stdout and "--resume --steps N" in first.stdout
-    refused = subprocess.run(script + ["--out", str(out), "--resume", "--rank", "4"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "adapter.rank: run has 2, asked 4" in refused.stderr
-    again = subprocess.run(script + ["--out", str(out), "--resume", "--steps", "3", "--no-progress"],
-                           capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["--task", "rt-polarity", "--adapter", "lora", "--rank", "2", "--steps", "2", "--out", str(out)]
+                + common) == 0
+    printed = capsys.readouterr().out
+    assert f"done: results in {out}/summary.json" in printed and "--resume --steps N" in printed
+    assert main(["--out", str(out), "--resume", "--rank", "4"]) == 2
+    assert "adapter.rank: run has 2, asked 4" in capsys.readouterr().err
+    assert main(["--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
     assert RunDir(out).read_summary()["steps"] == 3

@@ -17,7 +17,7 @@ from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
 from esmfold_peft.fold.train import train, train_model
 from esmfold_peft.runtime.errors import ConfigError, UserError
-from fold_fixtures import tiny_run_config, write_tiny_config_file
+from fold_fixtures import load_script, tiny_run_config, write_tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -124,28 +124,34 @@ def test_nan_loss_is_a_divergence(tmp_path):
     assert "non-finite" in summary(tmp_path / "run")["divergence"]["rule"]
 
 
-def test_interrupted_run_resumes(tmp_path):
+def test_interrupted_run_resumes(tmp_path, capsys):
+    """A real SIGINT in the middle of a run (sent to this process, whose main thread trains): exit 130 after the
+    step in flight and its checkpoint; --resume --steps continues from there."""
+    import threading
+
     config_file = write_tiny_config_file(tmp_path, steps=100000)
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--out", str(run),
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_INTERRUPTED, out
+
+    def interrupt_after_three_steps():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    train_fold = load_script("train_fold")
+    watcher = threading.Thread(target=interrupt_after_three_steps, daemon=True)
+    watcher.start()
+    assert train_fold.main(["--config", str(config_file), "--out", str(run), "--no-progress"]) == EXIT_INTERRUPTED
+    watcher.join()
+    assert f"continue with: python scripts/train_fold.py --out {run} --resume" in capsys.readouterr().out
     s = summary(run)
     assert s["status"] == "interrupted"
     stopped = read_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert stopped == s["steps"] >= 3
-    resumed = subprocess.run(cmd + ["--resume", "--steps", str(stopped + 2)], capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == EXIT_OK, resumed.stderr[-2000:]
+    assert train_fold.main(["--out", str(run), "--resume", "--steps", str(stopped + 2), "--no-progress"]) == EXIT_OK
     assert summary(run)["steps"] == stopped + 2
 
 
@@ -214,15 +220,16 @@ def test_each_run_logs_to_its_own_file(tmp_path):
     assert not [h for h in logging.getLogger("esmfold_peft").handlers if isinstance(h, logging.FileHandler)]
 
 
-def test_torchrun_launches_two_processes(tmp_path):
+def test_torchrun_launches_two_processes(tmp_path, monkeypatch, capsys):
     config_file = write_tiny_config_file(tmp_path, steps=2)
-    script = [str(ROOT / "scripts" / "train_fold.py"), "--config", str(config_file), "--no-progress",
-              "--set", "train.effective_batch_size=4"]
+    args = ["--config", str(config_file), "--no-progress", "--set", "train.effective_batch_size=4"]
+    with monkeypatch.context() as m:  # what each process of a torchrun job sees: every process must name the run
+        m.setenv("WORLD_SIZE", "2")
+        assert load_script("train_fold").main(args) == 2
+        assert "give --out" in capsys.readouterr().err
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    without_out = subprocess.run(launcher + script, capture_output=True, text=True, timeout=300)
-    assert without_out.returncode != 0 and "give --out" in without_out.stderr
-    done = subprocess.run(launcher + script + ["--out", str(tmp_path / "run")], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(launcher + [str(ROOT / "scripts" / "train_fold.py")] + args + ["--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     s = summary(tmp_path / "run")
     assert s["processes"] == 2 and s["status"] == "completed" and s["steps"] == 2

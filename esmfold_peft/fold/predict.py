@@ -65,7 +65,7 @@ from ..data.fasta import CHAIN_SEPARATOR, BadRecord, SequenceRecord, read_fasta
 from ..runtime.errors import UserError
 from ..runtime.progress import Progress
 from ..runtime.rundir import ensure_writable_dir
-from ..runtime.session import resolve_device, setup_distributed, world_size
+from ..runtime.session import resolve_device, setup_distributed, teardown_distributed, world_size
 from ..runtime.text import finite_or_none
 from .checkpoint import load_trained_model
 from .model import CA, predicted_atom37
@@ -549,15 +549,18 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
         rank = dist.get_rank()
     else:
         torch_device, rank = resolve_device(device), 0
+    finished = False
     try:
-        return _predict(contents, fasta, run_dir, out_dir, checkpoint=checkpoint, esmfold=esmfold, lm=lm,
-                        num_recycles=num_recycles, torch_device=torch_device, rank=rank, world=world,
-                        max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, chunk_size=chunk_size,
-                        merge=merge, merge_tolerance=merge_tolerance, progress=progress, overrides=overrides,
-                        started=started)
+        run = _predict(contents, fasta, run_dir, out_dir, checkpoint=checkpoint, esmfold=esmfold, lm=lm,
+                       num_recycles=num_recycles, torch_device=torch_device, rank=rank, world=world,
+                       max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, chunk_size=chunk_size,
+                       merge=merge, merge_tolerance=merge_tolerance, progress=progress, overrides=overrides,
+                       started=started)
+        finished = True
+        return run
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if own_group:
+            teardown_distributed(synchronize=finished)
 
 
 class PredictionWriter:

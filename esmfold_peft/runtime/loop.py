@@ -199,12 +199,15 @@ class Loop:
             if world_size() > 1:
                 raise UserError(f"the {self.task.application} harness runs in one process; start it without torchrun")
             self.device = resolve_device(self.task.device_name())
+        finished = False
         try:
             if self.d.main:
                 self._begin()
             with self.stop:
                 self._setup(names)
-                return self._train()
+                status = self._train()
+                finished = True
+                return status
         except KeyboardInterrupt:
             self._interrupted()
             return EXIT_INTERRUPTED
@@ -218,7 +221,7 @@ class Loop:
                 logger.close()
             if self.file_log is not None:
                 remove_file_logging(self.file_log)
-            teardown_distributed()
+            teardown_distributed(synchronize=finished)
 
     def _begin(self) -> None:
         """Main process: the folder can hold this run; the config is written; train.log opens."""

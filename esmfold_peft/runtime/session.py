@@ -80,9 +80,27 @@ def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(synchronize: bool = True) -> None:
+    """Leave the process group; the one way every process of a torchrun job (or the GPU suite's) ends.
+
+    With `synchronize`, every process first waits for the others at a barrier: a process that destroys its
+    group, or exits, while another is still communicating pulls the connection (and, without torchrun, the
+    rendezvous store rank 0 hosts) from under it, which can abort the other process at exit ("terminate
+    called without an active exception", exit -6) after its work was done. On gloo the barrier is
+    `monitored_barrier`, which names a process that never arrives instead of waiting out the 2-hour timeout.
+    An error path passes `synchronize=False`: the others may never get there.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(minutes=10))
+            else:
+                dist.barrier()
+        except RuntimeError as exc:  # a process died or hangs: leave without it
+            log.warning("not every process reached the end of the job (%s); leaving anyway", exc)
+    dist.destroy_process_group()
 
 
 class StopSignal:
