@@ -1,7 +1,7 @@
 """Benchmark 10: torch.compile of the trunk's blocks and the LM's layers (model.compile), eager against compiled.
 
 Parts (`--parts`, default fold,lm), each on one model whose blocks are switched between eager and
-compiled (`esmfold_peft.fold.build.set_compile` / `compile_blocks`), so every variant runs the same
+compiled (`esmfold_peft.fold.model.build.set_compile` / `compile_blocks`), so every variant runs the same
 weights:
   fold  one paper_d4 training step as bench/fold_step.py takes it (its model and step: LoRTA r=8 on
         a random 35M-shaped ESM-2, 12 trunk blocks with c_s 1024, c_z 128 and per-block activation
@@ -204,8 +204,8 @@ def compile_and_measure(steps: dict, reference: str, forward_backward, conf: dic
 
 def fold_part(conf: dict, device, bf16: bool, smoke: bool, seed: int, again: bool = True) -> dict:
     """paper_d4's training step (bench/fold_step.py) with model.compile none, trunk and both."""
-    from esmfold_peft.fold.build import set_compile
-    from esmfold_peft.fold.losses import fold_loss
+    from esmfold_peft.fold.model.build import set_compile
+    from esmfold_peft.fold.model.losses import fold_loss
     from fold_step import build, fold_config, make_steps, training_batch
 
     cfg = fold_config(smoke)
@@ -256,8 +256,8 @@ def lm_part(conf: dict, device, bf16: bool, smoke: bool, seed: int) -> dict:
     import adapter_step as A
 
     from esmfold_peft.adapters import LoRTAConfig, add_adapter
-    from esmfold_peft.fold.build import compile_blocks
-    from esmfold_peft.fold.esm_attention import enable_sdpa
+    from esmfold_peft.fold.model.build import compile_blocks
+    from esmfold_peft.fold.model.esm_attention import enable_sdpa
 
     spec = SMOKE_LM_SHAPE if smoke else LM_SHAPE
     layers, d, heads = A.shape_dims(spec)
@@ -305,8 +305,8 @@ def lm_part(conf: dict, device, bf16: bool, smoke: bool, seed: int) -> dict:
 
 def predict_part(conf: dict, device, smoke: bool, seed: int, again: bool = True) -> dict:
     """Prediction (fold/predict.py's predict_sequences) with paper_d4's model, trunk eager and compiled."""
-    from esmfold_peft.fold.build import set_compile
-    from esmfold_peft.fold.model import CA
+    from esmfold_peft.fold.model.build import set_compile
+    from esmfold_peft.fold.model.esmfold import CA
     from esmfold_peft.fold.predict import predict_sequences
     from predict_throughput import build_predictor, random_sequence
 
@@ -409,7 +409,7 @@ def main() -> None:
     device = pick_device(args.device)
     set_threads(args, device)
     started, load_before = time.time(), load_average()
-    from esmfold_peft.fold import build as fold_build
+    from esmfold_peft.fold.model import build as fold_build
 
     fold_build.COMPILE_BACKEND = args.backend or ("eager" if args.smoke else "inductor")
     if device.type == "cpu":

@@ -3,7 +3,7 @@
 One forward + backward (loss: mean of the final representation) of a randomly initialised ESM-2
 with a LoRTA r=8 adapter (base frozen, as in fine-tuning), batch 1, for two variants on ONE model:
 `original` (fair-esm's `MultiheadAttention.forward`, which keeps the (heads·L)×L scores and
-probabilities for backward) and `sdpa` (esmfold_peft/fold/esm_attention.py, fused
+probabilities for backward) and `sdpa` (esmfold_peft/fold/model/esm_attention.py, fused
 `scaled_dot_product_attention`). The variants are interleaved (bench/common.py); memory is one
 step's peak. Both variants' final representations are compared, so a number here is never a
 number of a different function.
@@ -75,7 +75,7 @@ def random_tokens(model, length: int, device: torch.device, seed: int) -> torch.
 
 def make_steps(model, inputs: dict, device: torch.device, bf16: bool):
     """{variant: one forward + backward}; each switches the model's attention first (a dict lookup per layer)."""
-    from esmfold_peft.fold.esm_attention import disable_sdpa, enable_sdpa
+    from esmfold_peft.fold.model.esm_attention import disable_sdpa, enable_sdpa
 
     last = model.num_layers
     switch = {"original": disable_sdpa, "sdpa": enable_sdpa}

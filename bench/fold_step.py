@@ -1,6 +1,6 @@
 """Benchmark 3: one training step of the folding model (paper_d4) with the LM frozen, adapted or fully trained.
 
-The model is `configs/paper_d4.py` as built by `esmfold_peft.fold.build.build_model`: 12 trunk
+The model is `configs/paper_d4.py` as built by `esmfold_peft.fold.model.build.build_model`: 12 trunk
 blocks (c_s 1024, c_z 128) with per-block activation checkpointing, and a randomly initialised
 35M-shaped ESM-2 (the weights do not change the cost). One step is the package's own training step
 (`esmfold_peft.fold.train.fold_step`, what every training run calls): forward, `fold_loss`, backward,
@@ -36,7 +36,7 @@ DEFAULTS = {"cpu": dict(crop=64, repeats=4, steps=1, warmup=1), "cuda": dict(cro
 
 
 def fold_config(smoke: bool):
-    from esmfold_peft.fold.config import load_config, structure_module_config, trunk_config
+    from esmfold_peft.fold.run.config import load_config, structure_module_config, trunk_config
 
     cfg = load_config("paper_d4")
     cfg.model.lm.name = "esm2_t12_35M_UR50D"
@@ -53,7 +53,7 @@ def fold_config(smoke: bool):
 def build(cfg, device: torch.device):
     """paper_d4's model with LoRTA r=8 ("default") and LoRA r=1 ("lora_r1") on its LM."""
     from esmfold_peft.adapters import add_adapter, get_adapter_set
-    from esmfold_peft.fold.build import adapter_config, build_model
+    from esmfold_peft.fold.model.build import adapter_config, build_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="language model .* is RANDOMLY INITIALISED")

@@ -136,7 +136,7 @@ def count_step_flops(model, fn, device):
     from torch.utils.flop_counter import FlopCounterMode
 
     from esm.esmfold.v1.tri_self_attn_block import TriangularSelfAttentionBlock
-    from esmfold_peft.fold.model import _CheckpointedBlock
+    from esmfold_peft.fold.model.esmfold import _CheckpointedBlock
 
     blocks = [b for b in model.trunk.blocks if isinstance(b, _CheckpointedBlock)]
     for attempt_plain in ((True, False) if blocks else (False,)):
@@ -256,7 +256,7 @@ def section_lm(args, device, smoke: bool) -> dict:
 def predict_shape(args, smoke: bool):
     """(trunk config dict, LM (layers, d, heads), label)."""
     from esmfold_peft.adapters import architecture
-    from esmfold_peft.fold.config import structure_module_config, trunk_config
+    from esmfold_peft.fold.run.config import structure_module_config, trunk_config
 
     if smoke:
         trunk = trunk_config(num_blocks=1, c_s=32, c_z=16, seq_head_width=16, pair_head_width=8,
@@ -313,10 +313,10 @@ def build_fair_esmfold(trunk: dict, lm_dims, device, seed: int):
 
 def build_ours_from(fair, trunk: dict, device, storage: str):
     """Our AdaptedESMFold holding fair-esm's weights: LM copied (float32 unless stored in bf16), trunk and heads loaded."""
-    from esmfold_peft.fold.esm_attention import enable_sdpa
-    from esmfold_peft.fold.lm import set_storage_dtype
-    from esmfold_peft.fold.model import AdaptedESMFold
-    from esmfold_peft.fold.pretrained import load_esmfold_state
+    from esmfold_peft.fold.model.esm_attention import enable_sdpa
+    from esmfold_peft.fold.model.lm import set_storage_dtype
+    from esmfold_peft.fold.model.esmfold import AdaptedESMFold
+    from esmfold_peft.fold.run.esmfold_read import load_esmfold_state
 
     lm = copy.deepcopy(fair.esm).float()
     enable_sdpa(lm)  # the project's default (model.lm.sdpa)
@@ -333,7 +333,7 @@ def build_ours_from(fair, trunk: dict, device, storage: str):
 def section_predict(args, device, smoke: bool) -> dict:
     from openfold.utils.feats import atom14_to_atom37
 
-    from esmfold_peft.fold.model import CA
+    from esmfold_peft.fold.model.esmfold import CA
     from esmfold_peft.fold.predict import predict_sequences
     from predict_throughput import random_sequence
 
@@ -423,7 +423,7 @@ def ddp_worker(spec: dict) -> None:
     """One DDP process (RANK, WORLD_SIZE, MASTER_* in the environment): paper_d4 + LoRTA r=8 steps."""
     import torch.distributed as dist
 
-    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.model.build import build_model
     from esmfold_peft.fold.train import fold_step, seed_everything
     from esmfold_peft.runtime.session import setup_distributed, teardown_distributed
 
@@ -524,7 +524,7 @@ def section_ddp(args, device, smoke: bool, single_step: dict | None) -> dict:
 
 def section_compile(args, device, smoke: bool) -> dict:
     import compile_step as C
-    from esmfold_peft.fold import build as fold_build
+    from esmfold_peft.fold.model import build as fold_build
 
     backend = fold_build.COMPILE_BACKEND = "eager" if smoke else "inductor"
     bf16 = device.type == "cuda" and not args.no_bf16

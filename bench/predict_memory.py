@@ -102,7 +102,7 @@ def _status_kib(key: str) -> int:
 
 
 def build_model(variant: str, smoke: bool, seed: int):
-    from esmfold_peft.fold.build import build_model as build
+    from esmfold_peft.fold.model.build import build_model as build
 
     from fold_step import fold_config
 
@@ -110,7 +110,7 @@ def build_model(variant: str, smoke: bool, seed: int):
     cfg = fold_config(smoke)  # paper_d4, random 35M-shaped LM, LoRTA r=8 (smoke: tiny trunk, 8M-shaped LM)
     cfg.model.trunk.chunk_size = (SMOKE_CHUNK if smoke else chunk) if chunk else None
     cfg.model.lm.sdpa = sdpa
-    cfg.model.lm.storage_dtype = storage  # read by esmfold_peft.fold.lm.load_language_model
+    cfg.model.lm.storage_dtype = storage  # read by esmfold_peft.fold.model.lm.load_language_model
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="language model .* is RANDOMLY INITIALISED")

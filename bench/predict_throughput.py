@@ -30,9 +30,9 @@ DEFAULTS = {"cpu": dict(config="demo", lengths=(64, 128, 256), repeats=5, steps=
 
 
 def build_predictor(config: str, smoke: bool, device: torch.device, seed: int):
-    from esmfold_peft.fold.build import build_model
-    from esmfold_peft.fold.config import load_config
-    from esmfold_peft.fold.runs import fill_defaults
+    from esmfold_peft.fold.model.build import build_model
+    from esmfold_peft.fold.run.config import load_config
+    from esmfold_peft.fold.run.resolve import fill_defaults
 
     from fold_step import fold_config
 

@@ -59,7 +59,7 @@ re-renders without running.
 * **Models.** Random weights (costs do not depend on them). ESM-2 shapes keep the true width and
   heads, which set the per-projection arithmetic; on CPU the 650M and 3B shapes keep only a few of
   their layers and a short batch (said in every table). The folding benchmarks build the model with
-  `esmfold_peft.fold.build.build_model` from the named config.
+  `esmfold_peft.fold.model.build.build_model` from the named config.
 """
 
 

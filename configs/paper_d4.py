@@ -6,7 +6,7 @@ training layout (set data.mmcif_dir, data.chain_data_cache and the validation pa
 A GPU job: on CPU use it only to measure step cost (e.g. --set train.crop_size=64).
 """
 
-from esmfold_peft.fold.config import base_config, structure_module_config, trunk_config
+from esmfold_peft.fold.run.config import base_config, structure_module_config, trunk_config
 
 
 def get_config():

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
-from esmfold_peft.fold.config import ADAPTERS
+from esmfold_peft.fold.run.config import ADAPTERS
 from esmfold_peft.runtime.rundir import project_root
-from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,
+from esmfold_peft.fold.experiments.search import (ALL_DIVERGED, CHOSEN, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS,
                                       alpha_search, fmt_alpha, parse_multipliers, require_alpha,
                                       search_base_config, search_markdown, stages)
 

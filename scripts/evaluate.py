@@ -28,7 +28,7 @@ from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY
 from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths
 from esmfold_peft.eval.lddt import LDDT_CUTOFF
 from esmfold_peft.eval.report import summarize
-from esmfold_peft.fold.evaluate_run import SPLITS, evaluate_run
+from esmfold_peft.fold.experiments.evaluate_run import SPLITS, evaluate_run
 from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main
 from esmfold_peft.runtime.text import format_score
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from esmfold_peft.fold.checkpoint import load_trained_model
-    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+    from esmfold_peft.fold.run.checkpoint import load_trained_model
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
 
     if args.out.is_dir():
         raise UserError(f"{args.out}: is a directory; give the file to write (e.g. {args.out / 'esmfold.pt'})")

@@ -29,10 +29,10 @@ from pathlib import Path
 from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK
 from esmfold_peft.runtime.rundir import project_root
-from esmfold_peft.fold.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,
+from esmfold_peft.fold.experiments.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,
                                       search_base_config)
-from esmfold_peft.fold.search_report import COMPLETED, fmt_alpha, sweep_markdown
-from esmfold_peft.fold.sweep import parse_runs, run_sweep
+from esmfold_peft.fold.experiments.search_report import COMPLETED, fmt_alpha, sweep_markdown
+from esmfold_peft.fold.experiments.sweep import parse_runs, run_sweep
 
 
 

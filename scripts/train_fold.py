@@ -29,7 +29,7 @@ from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_
                                       overrides_from, positive_float, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 from esmfold_peft.runtime.session import world_size
-from esmfold_peft.fold.config import ADAPTERS, SCOPES
+from esmfold_peft.fold.run.config import ADAPTERS, SCOPES
 
 
 
@@ -80,7 +80,7 @@ def check_flags(args, method: str) -> None:
 
 
 def resolve(args):
-    from esmfold_peft.fold.runs import new_run_config, resume_run_config, stored_run_config
+    from esmfold_peft.fold.run.resolve import new_run_config, resume_run_config, stored_run_config
 
     if args.resume:
         if args.out is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import FRAGMENT_PDB
-from esmfold_peft.fold.config import base_config, structure_module_config, trunk_config
+from esmfold_peft.fold.run.config import base_config, structure_module_config, trunk_config
 
 TINY_LM = dict(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
@@ -117,8 +117,8 @@ def write_tiny_config_file(tmp_path: Path, steps: int) -> Path:
 def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
     """A fair-esm-format ESMFold checkpoint of the model `cfg` builds (random trunk and heads, no LM), written
     by the project's exporter (`export_esmfold_checkpoint`)."""
-    from esmfold_peft.fold.build import build_model
-    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+    from esmfold_peft.fold.model.build import build_model
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
     from esmfold_peft.fold.train import seed_everything
 
     bare = cfg.copy_and_resolve_references()
@@ -132,9 +132,11 @@ def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
 def load_script(name: str):
     """A script of scripts/ as a module, loaded once per test session (its `main(argv)` is what the tests call)."""
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look the module up there
     spec.loader.exec_module(module)
     return module

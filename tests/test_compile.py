@@ -17,9 +17,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from esmfold_peft.adapters import LoRTAConfig, add_adapter, get_adapter_set
-from esmfold_peft.fold import build
-from esmfold_peft.fold.config import USE_FREE, base_config, check_config
-from esmfold_peft.fold.runs import finish, read_run_config, resume_run_config, stored_form
+from esmfold_peft.fold.model import build
+from esmfold_peft.fold.run.config import USE_FREE, base_config, check_config
+from esmfold_peft.fold.run.resolve import finish, read_run_config, resume_run_config, stored_form
 from esmfold_peft.runtime.errors import ConfigError
 from esmfold_peft.runtime.rundir import RunDir
 from fold_fixtures import tiny_run_config

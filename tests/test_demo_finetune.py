@@ -9,9 +9,12 @@ import json
 
 import pytest
 
-from esmfold_peft.fold.finetune_demo import DemoSettings, base_overrides, finetune_overrides, make_families
 from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
 from fold_fixtures import load_script
+
+demo = load_script("demo_finetune")  # the example: scripts/demo_finetune.py
+DemoSettings, base_overrides, finetune_overrides, make_families = (
+    demo.DemoSettings, demo.base_overrides, demo.finetune_overrides, demo.make_families)
 
 
 def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""ESM-2 attention through SDPA (esmfold_peft/fold/esm_attention.py) computes fair-esm's function.
+"""ESM-2 attention through SDPA (esmfold_peft/fold/model/esm_attention.py) computes fair-esm's function.
 
 Every comparison runs one small random ESM2 twice on the same batch (which holds padding): with
 fair-esm's forward and with `sdpa_forward`, and compares outputs and gradients.
@@ -13,7 +13,7 @@ import torch
 esm = pytest.importorskip("esm")
 
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set  # noqa: E402
-from esmfold_peft.fold.esm_attention import disable_sdpa, enable_sdpa, sdpa_enabled, sdpa_forward  # noqa: E402
+from esmfold_peft.fold.model.esm_attention import disable_sdpa, enable_sdpa, sdpa_enabled, sdpa_forward  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LAYERS = 2
@@ -177,7 +177,7 @@ def test_enable_is_per_instance_and_undone_by_disable():
 def test_load_language_model_turns_sdpa_on_unless_configured_off():
     import ml_collections as mlc
 
-    from esmfold_peft.fold.lm import load_language_model
+    from esmfold_peft.fold.model.lm import load_language_model
 
     cfg = {"path": "", "name": "esm2_t6_8M_UR50D", "random_init": True}
     with warnings.catch_warnings():

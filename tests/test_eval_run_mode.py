@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from esmfold_peft.eval.metrics import rmsd_ca
-from esmfold_peft.fold.checkpoint import load_trained_model
-from esmfold_peft.fold.evaluate_run import evaluate_run, split_dataset
+from esmfold_peft.fold.run.checkpoint import load_trained_model
+from esmfold_peft.fold.experiments.evaluate_run import evaluate_run, split_dataset
 from esmfold_peft.runtime.errors import EXIT_OK
 from esmfold_peft.fold.train import train
 from esmfold_peft.fold.validate import validate

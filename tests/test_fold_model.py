@@ -7,9 +7,9 @@ import torch
 
 from esmfold_peft.data.features import chain_to_features, collate, crop
 from esmfold_peft.data.structures import parse_structure
-from esmfold_peft.fold.build import build_model, parameter_counts
-from esmfold_peft.fold.lm import LanguageModelError, load_hf_esm, load_language_model
-from esmfold_peft.fold.losses import fold_loss
+from esmfold_peft.fold.model.build import build_model, parameter_counts
+from esmfold_peft.fold.model.lm import LanguageModelError, load_hf_esm, load_language_model
+from esmfold_peft.fold.model.losses import fold_loss
 from esmfold_peft.fold.train import seed_everything
 from fold_fixtures import tiny_run_config, write_structures, write_tiny_hf_esm
 

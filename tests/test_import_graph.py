@@ -109,3 +109,21 @@ def test_no_function_is_longer_than_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_every_project_import_names_a_module_that_exists():
+    """Imports inside functions run only when called: a module moved without them is found here, not by a user."""
+    mods = modules()
+    missing = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith(PACKAGE.name)):
+                continue
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base not in mods:
+                missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {base}")
+    assert not missing, missing

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
-from esmfold_peft.fold.build import build_model
-from esmfold_peft.fold.esm_attention import enable_sdpa
-from esmfold_peft.fold.lm import LanguageModelError, lm_autocast, set_storage_dtype
+from esmfold_peft.fold.model.build import build_model
+from esmfold_peft.fold.model.esm_attention import enable_sdpa
+from esmfold_peft.fold.model.lm import LanguageModelError, lm_autocast, set_storage_dtype
 from esmfold_peft.fold.train import seed_everything
 from fold_fixtures import tiny_run_config
 from test_fold_model import forward_loss, tiny_batch

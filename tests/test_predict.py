@@ -10,10 +10,10 @@ import pytest
 import torch
 from Bio.PDB import PDBParser
 
-import esmfold_peft.fold.predict as predict_module
+import esmfold_peft.fold.predict.job as predict_module  # where a batch is predicted (and split on OOM)
 from esmfold_peft.adapters import get_adapter_set
 from esmfold_peft.adapters.inject import AdapterSet
-from esmfold_peft.fold.checkpoint import load_trained_model
+from esmfold_peft.fold.run.checkpoint import load_trained_model
 from esmfold_peft.fold.predict import (MergeMismatchError, file_stems, length_batches, merge_adapter_checked,
                                        predict_fasta, predict_sequences)
 from fold_fixtures import load_script as load_script_named

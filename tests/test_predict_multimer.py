@@ -11,7 +11,7 @@ import torch
 from Bio.PDB import PDBParser
 
 from esm.esmfold.v1.misc import batch_encode_sequences
-from esmfold_peft.fold.checkpoint import load_trained_model
+from esmfold_peft.fold.run.checkpoint import load_trained_model
 from esmfold_peft.fold.predict import (CHAIN_LINKER, encode_sequences, model_length, predict_fasta,
                                        predict_sequences, shard_records)
 from fold_fixtures import load_script as load_script_named
@@ -224,9 +224,9 @@ def test_esmfold_checkpoint_is_loaded_through_the_pretrained_loader(run_dir, tmp
         model, cfg = load_trained_model(run_dir)
         return model, cfg
 
-    fake = types.ModuleType("esmfold_peft.fold.pretrained")
+    fake = types.ModuleType("esmfold_peft.fold.run.esmfold_read")
     fake.load_esmfold_checkpoint = load_esmfold_checkpoint
-    monkeypatch.setitem(sys.modules, "esmfold_peft.fold.pretrained", fake)
+    monkeypatch.setitem(sys.modules, "esmfold_peft.fold.run.esmfold_read", fake)
     fasta = tmp_path / "in.fasta"
     fasta.write_text(f">d\n{CHAIN_A}:{CHAIN_B}\n")
     script = load_script()
@@ -255,7 +255,7 @@ def _write_fair_esm_files(tmp_path, monkeypatch):
     from esm.esmfold.v1.trunk import FoldingTrunkConfig, StructureModuleConfig
     from omegaconf import OmegaConf
 
-    from esmfold_peft.fold.lm import load_fair_esm_checkpoint
+    from esmfold_peft.fold.model.lm import load_fair_esm_checkpoint
 
     torch.manual_seed(0)
     lm = esm.model.esm2.ESM2(num_layers=2, embed_dim=64, attention_heads=4)
@@ -290,7 +290,7 @@ def _write_fair_esm_files(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Regression weights not found")
 def test_esmfold_checkpoint_predicts_what_esm_fold_predicts_with_better_numbering(tmp_path, monkeypatch):
-    pretrained = pytest.importorskip("esmfold_peft.fold.pretrained")
+    pretrained = pytest.importorskip("esmfold_peft.fold.run.esmfold_read")
     if not hasattr(pretrained, "load_esmfold_checkpoint"):
         pytest.skip("no ESMFold checkpoint loader")
     ckpt, lm_file, fair = _write_fair_esm_files(tmp_path, monkeypatch)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import esmfold_peft.compat as compat  # fair-esm's dataclasses on Python >= 3.11
-from esmfold_peft.fold.lm import load_fair_esm_checkpoint
-from esmfold_peft.fold.pretrained import (ESM_TYPES, config_from_checkpoint, init_from_checkpoint,
+from esmfold_peft.fold.model.lm import load_fair_esm_checkpoint
+from esmfold_peft.fold.run.esmfold_read import (ESM_TYPES, config_from_checkpoint, init_from_checkpoint,
                                           load_esmfold_checkpoint, load_esmfold_state, omegaconf_pickle_classes,
                                           read_esmfold_checkpoint, trunk_from_checkpoint)
 from esmfold_peft.adapters import get_adapter_set
@@ -395,7 +395,7 @@ def test_config_faults_are_named(ckpt, lm_file, tmp_path):
 # --- a config initialised from the checkpoint ------------------------------------------------------
 
 def finetune_cfg(ckpt, lm_file):
-    from esmfold_peft.fold.config import base_config
+    from esmfold_peft.fold.run.config import base_config
 
     cfg = base_config()
     cfg.model.lm.name, cfg.model.lm.path = "", str(lm_file)
@@ -407,7 +407,7 @@ def finetune_cfg(ckpt, lm_file):
 
 
 def test_init_from_checkpoint_gives_the_pretrained_model(ckpt, lm_file, tmp_path):
-    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.model.build import build_model
 
     reference, ref_cfg = load_esmfold_checkpoint(ckpt, lm=lm_file)
     cfg = finetune_cfg(ckpt, lm_file)
@@ -425,7 +425,7 @@ def test_init_from_checkpoint_gives_the_pretrained_model(ckpt, lm_file, tmp_path
 
 
 def test_init_from_checkpoint_refuses_a_config_of_another_shape(ckpt, lm_file, tmp_path):
-    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.model.build import build_model
 
     cfg = finetune_cfg(ckpt, lm_file)
     cfg.model.trunk.num_blocks = 1
@@ -445,7 +445,7 @@ def test_init_from_checkpoint_refuses_a_config_of_another_shape(ckpt, lm_file, t
 
 
 def test_finetune_config_describes_esmfold_v1():
-    from esmfold_peft.fold.config import check_config, load_config
+    from esmfold_peft.fold.run.config import check_config, load_config
 
     cfg = load_config("esmfold_finetune")
     check_config(cfg)
@@ -484,7 +484,7 @@ def test_saved_openfold_constants_are_tolerated(ckpt, lm_file, tmp_path):
 
 def adapted_model(ckpt, lm_file, scope, seed=3):
     """The checkpoint's model with a LoRTA adapter (rank 2) on `scope`, every factor random (a real update)."""
-    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.model.build import build_model
 
     cfg = finetune_cfg(ckpt, lm_file)
     cfg.adapter.scope = scope
@@ -500,7 +500,7 @@ def adapted_model(ckpt, lm_file, scope, seed=3):
 
 
 def test_export_round_trip_through_our_loader_and_fair_esm(ckpt, lm_file, monkeypatch, tmp_path):
-    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
 
     model, cfg = adapted_model(ckpt, lm_file, "trunk")
     before = predict(model, False)
@@ -525,7 +525,7 @@ def test_export_round_trip_through_our_loader_and_fair_esm(ckpt, lm_file, monkey
 
 
 def test_export_of_an_adapted_language_model_needs_lm_out(ckpt, lm_file, tmp_path):
-    from esmfold_peft.fold.pretrained import export_esmfold_checkpoint
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
 
     model, cfg = adapted_model(ckpt, lm_file, "both")
     out = tmp_path / "both.pt"
@@ -544,7 +544,7 @@ def test_export_of_an_adapted_language_model_needs_lm_out(ckpt, lm_file, tmp_pat
 def test_esm_type_from_the_language_model():
     from types import SimpleNamespace
 
-    from esmfold_peft.fold.pretrained import esm_type_for
+    from esmfold_peft.fold.run.esmfold_write import esm_type_for
 
     esm2_8m = SimpleNamespace(num_layers=6, embed_dim=320)
     assert esm_type_for(esm2_8m, "esm2_t6_8M_UR50D") == "esm2_8M_270K"
@@ -557,7 +557,7 @@ def test_esm_type_from_the_language_model():
 
 
 def test_export_script_on_a_trained_run(tiny_lorta_run, tmp_path, capsys):
-    from esmfold_peft.fold.checkpoint import load_trained_model
+    from esmfold_peft.fold.run.checkpoint import load_trained_model
     from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
     from fold_fixtures import load_script
 

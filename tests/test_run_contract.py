@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esmfold_peft.fold import train as trainer
-from esmfold_peft.fold.checkpoint import read_checkpoint
+from esmfold_peft.fold.run.checkpoint import read_checkpoint
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from esmfold_peft.runtime.rundir import RunDir
 from fold_fixtures import load_script, tiny_run_config, write_tiny_config_file

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from esmfold_peft.fold import search
+from esmfold_peft.fold.experiments import search
 from esmfold_peft.fold import train as trainer
-from esmfold_peft.fold.runs import fill_defaults
-from esmfold_peft.fold.checkpoint import write_json_atomic
-from esmfold_peft.fold.search import (ALL_DIVERGED, CHOSEN, INTERRUPTED, SearchError, alpha_search, choose,
-                                      parse_multipliers, stage_alphas, stages)
-from esmfold_peft.fold.sweep import parse_runs, run_sweep
+from esmfold_peft.fold.run.resolve import fill_defaults
+from esmfold_peft.fold.run.checkpoint import write_json_atomic
+from esmfold_peft.fold.experiments.search import (ALL_DIVERGED, CHOSEN, INTERRUPTED, SearchError, alpha_dir_name, alpha_search,
+                                      choose, parse_multipliers, stage_alphas, stages)
+from esmfold_peft.fold.experiments.sweep import parse_runs, run_sweep
 from fold_fixtures import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,3 +360,28 @@ def test_alpha_search_script_end_to_end(tmp_path, capsys, caplog):
         assert main(argv + [str(out2)]) == 0
     assert "already completed: not retrained" in caplog.text
     assert (out2 / "alpha-8" / "summary.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_a_demo_search_whose_first_alphas_really_diverge_halves_and_continues(tmp_path, demo_data, caplog):
+    """The demo configuration (ESM-2 8M, TS50), LoRTA r=1 at α so large that float32 overflows in the adapted
+    attention or the gradient norm (NaN or inf; no loss threshold involved: the default 1e4 stays). The search
+    halves on to the next stage and chooses a converged α there. Crops of 16 and 2 steps: seconds a candidate."""
+    out = tmp_path / "search"
+    argv = ["--config", "demo", "--adapter", "lorta", "--rank", "1", "--multipliers", "1e17,1e13", "--floor", "1e6",
+            "--steps", "2", "--out", str(out), "--no-progress", "--set", "train.crop_size=16",
+            "--set", "data.val_max_chains=1", "--set", "optim.warmup_steps=0", "--set", "train.val_every=0",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    with caplog.at_level(logging.INFO, logger="esmfold_peft.search"):
+        assert load_script("alpha_search").main(argv) == 0
+    assert "every candidate of stage 0 diverged: halving on" in caplog.text
+    state = json.loads((out / "search.json").read_text())
+    first = [c for c in state["candidates"] if c["stage"] == 0]
+    assert [c["alpha"] for c in first] == [1e17, 1e13]
+    assert state["divergence_rule"].endswith("loss > 10000.0")  # the default rule, not a lowered threshold
+    assert state["status"] == "chosen" and state["chosen"]["stage"] >= 1  # stage 1 is 5e12 and 5e8
+    before = [c for c in state["candidates"] if c["stage"] < state["chosen"]["stage"]]
+    assert all(c["diverged"] and c["divergence_rule"].startswith("non-finite") for c in before)
+    chosen = [c for c in state["candidates"] if c["alpha"] == state["chosen"]["alpha"]][0]
+    assert not chosen["diverged"] and chosen["status"] == "completed" and chosen["val_lddt_ca_final"] is not None
+    assert (out / alpha_dir_name(chosen["alpha"]) / "adapter" / "adapter_config.json").is_file()

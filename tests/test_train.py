@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from esmfold_peft.adapters import read_adapter_config
-from esmfold_peft.fold.checkpoint import load_trained_model, read_checkpoint
+from esmfold_peft.fold.run.checkpoint import load_trained_model, read_checkpoint
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
 from esmfold_peft.fold.train import train, train_model
 from esmfold_peft.runtime.errors import ConfigError, UserError
@@ -56,7 +56,7 @@ def test_tiny_run_for_each_adapter(tmp_path, adapter):
 
 def test_lorta_factors_move_from_initial_values(tmp_path):
     cfg = tiny_run_config(tmp_path, adapter="lorta", steps=4)
-    from esmfold_peft.fold.build import build_model
+    from esmfold_peft.fold.model.build import build_model
     from esmfold_peft.fold.train import seed_everything
 
     seed_everything(cfg.train.seed)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from esmfold_peft.adapters import get_adapter_set, has_adapters
-from esmfold_peft.fold.build import build_model, parameter_counts
-from esmfold_peft.fold.checkpoint import load_trained_model
-from esmfold_peft.fold.pretrained import init_from_checkpoint
+from esmfold_peft.fold.model.build import build_model, parameter_counts
+from esmfold_peft.fold.run.checkpoint import load_trained_model
+from esmfold_peft.fold.run.esmfold_read import init_from_checkpoint
 from esmfold_peft.runtime.errors import EXIT_OK
 from esmfold_peft.fold.train import seed_everything, train_model
 from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
@@ -96,7 +96,7 @@ def test_fine_tuning_runs_keep_only_what_trains_and_rebuild_the_rest(tmp_path):
     """Checkpoints and the exported model of a run started from model.init_from hold no frozen trunk tensor."""
     import shutil
 
-    from esmfold_peft.fold.checkpoint import PRETRAINED_RECORD, read_checkpoint
+    from esmfold_peft.fold.run.checkpoint import PRETRAINED_RECORD, read_checkpoint
     from esmfold_peft.runtime.artifacts import load_safetensors
 
     cfg = frozen_trunk_config(tmp_path, "both", steps=3)
@@ -135,7 +135,7 @@ def test_fine_tuning_runs_keep_only_what_trains_and_rebuild_the_rest(tmp_path):
 
 
 def test_a_fine_tuning_run_resumes_from_its_slim_checkpoint_exactly(tmp_path):
-    from esmfold_peft.fold.runs import resume_run_config
+    from esmfold_peft.fold.run.resolve import resume_run_config
 
     straight_cfg = frozen_trunk_config(tmp_path / "a", "both", steps=4)
     status, straight = train_model(straight_cfg, tmp_path / "a" / "run", progress=False)

@@ -8,7 +8,7 @@
 * `evaluate`: files or directories in, report out (`evaluate_paths`, used by scripts/evaluate.py).
 
 This package imports `data/`, `runtime/` and `compat` only; evaluating a trained run on its data split
-needs the model and lives in `esmfold_peft.fold.evaluate_run`.
+needs the model and lives in `esmfold_peft.fold.experiments.evaluate_run`.
 
 Only `lddt` is imported here, so training code can use it without pulling in matplotlib or
 Biopython; import the other modules directly.

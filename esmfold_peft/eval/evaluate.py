@@ -8,7 +8,7 @@ with non-finite coordinates, chain or residues that cannot be paired) is recorde
 used at all (missing, a file against a directory, no structure file) raise `ArtifactError` /
 `UserError`, an unusable `out_dir` `OutputPathError`, before anything is read or written.
 
-Evaluating a trained run on its own data split is `esmfold_peft.fold.evaluate_run`: it needs the
+Evaluating a trained run on its own data split is `esmfold_peft.fold.experiments.evaluate_run`: it needs the
 folding model, and eval/ never imports fold/ (fold/ builds on eval/).
 """
 

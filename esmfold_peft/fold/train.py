@@ -29,13 +29,13 @@ from ..runtime.loop import Context, Schedule, StepResult, TrainingTask, run_trai
 from ..runtime.rundir import RunDir
 from ..runtime.session import Dist, autocast_for, step_seed
 from ..runtime.text import finite_or_none
-from .build import build_model, parameter_counts
-from .checkpoint import (PretrainedRecord, export_model, load_trained_state, read_checkpoint, restore_pretrained,
+from .model.build import build_model, parameter_counts
+from .run.checkpoint import (PretrainedRecord, export_model, load_trained_state, read_checkpoint, restore_pretrained,
                          save_checkpoint, set_rng_state)
-from .config import adapter_alpha, check_new_run
-from .losses import fold_loss
+from .run.config import adapter_alpha, check_new_run
+from .model.losses import fold_loss
 from .plots import plot_training_curves
-from .runs import check_resumable_config, finish, stored_form
+from .run.resolve import check_resumable_config, finish, stored_form
 from .validate import validate
 
 log = logging.getLogger("esmfold_peft.train")

@@ -15,7 +15,7 @@ from ..data.features import collate
 from ..eval.lddt import lddt_ca_torch
 from ..runtime.progress import Progress
 from ..runtime.session import autocast_for
-from .model import CA, predicted_atom37
+from .model.esmfold import CA, predicted_atom37
 
 
 

@@ -9,12 +9,12 @@ import sys
 import ml_collections as mlc
 import torch
 
-from ..adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
-from ..adapters.config import parse_modes
-from ..runtime.errors import ConfigError
-from .config import ADAPTERS, COMPILE_MODES, adapter_alpha, parse_parts
+from ...adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
+from ...adapters.config import parse_modes
+from ...runtime.errors import ConfigError
+from ..run.config import ADAPTERS, COMPILE_MODES, adapter_alpha, parse_parts
 from .lm import load_language_model
-from .model import AdaptedESMFold
+from .esmfold import AdaptedESMFold
 
 log = logging.getLogger(__name__)
 

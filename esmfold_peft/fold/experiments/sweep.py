@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import ml_collections as mlc
 
-from ..atomic import write_json_atomic
-from .config import ADAPTERS
+from ...atomic import write_json_atomic
+from ..run.config import ADAPTERS
 from .search import (ADAPTED, CHOSEN, COMPLETED, DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, INTERRUPTED,  # noqa: F401
                      RUNNING, SearchError, alpha_dir_name, alpha_search, candidate_config, check_multipliers,
                      check_validation_set, run_candidate)

@@ -25,13 +25,13 @@ from typing import Optional, Sequence
 
 import ml_collections as mlc
 
-from ..atomic import write_json_atomic
-from ..runtime.config import describe_differences, differences
-from ..runtime.errors import UserError
-from ..runtime.rundir import RunDir
-from . import train as trainer
-from .config import ADAPTERS, apply_overrides, load_config
-from .runs import finish, stored_form
+from ...atomic import write_json_atomic
+from ...runtime.config import describe_differences, differences
+from ...runtime.errors import UserError
+from ...runtime.rundir import RunDir
+from .. import train as trainer
+from ..run.config import ADAPTERS, apply_overrides, load_config
+from ..run.resolve import finish, stored_form
 from .search_report import (ADAPTED, ALL_DIVERGED, CHOICE_RULE, CHOSEN, COMPLETED, DIVERGED, INTERRUPTED,  # noqa: F401
                             METHOD_NAMES, RUNNING, fmt_alpha, fmt_lddt, model_label, search_markdown)
 

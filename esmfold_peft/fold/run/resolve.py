@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 
 import ml_collections as mlc
 
-from ..runtime.config import apply_overrides, coerce, describe_differences, differences, flatten, lookup
-from ..runtime.errors import ConfigError, UserError
-from ..runtime.rundir import RunDir, map_paths, project_root, resolve_path, store_path
+from ...runtime.config import apply_overrides, coerce, describe_differences, differences, flatten, lookup
+from ...runtime.errors import ConfigError, UserError
+from ...runtime.rundir import RunDir, map_paths, project_root, resolve_path, store_path
 from .config import PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config, check_new_run, load_config, \
     resolve_alpha
 

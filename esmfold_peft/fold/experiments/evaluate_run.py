@@ -17,20 +17,20 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.dataset import ChainDataset
-from ..data.features import model_residue_index
-from ..eval.chain_scores import ChainScores, score_chain
-from ..eval.evaluate import EvaluationRun
-from ..eval.lddt import LDDT_CUTOFF, LddtResult
-from ..eval.report import EvaluationFailure, write_report
-from ..runtime.errors import ConfigError
-from ..runtime.rundir import ensure_writable_dir
-from ..runtime.session import resolve_device
-from ..runtime.text import finite_or_none
-from .checkpoint import load_trained_model
-from .runs import fill_defaults
-from .train import build_split
-from .validate import validate
+from ...data.dataset import ChainDataset
+from ...data.features import model_residue_index
+from ...eval.chain_scores import ChainScores, score_chain
+from ...eval.evaluate import EvaluationRun
+from ...eval.lddt import LDDT_CUTOFF, LddtResult
+from ...eval.report import EvaluationFailure, write_report
+from ...runtime.errors import ConfigError
+from ...runtime.rundir import ensure_writable_dir
+from ...runtime.session import resolve_device
+from ...runtime.text import finite_or_none
+from ..run.checkpoint import load_trained_model
+from ..run.resolve import fill_defaults
+from ..train import build_split
+from ..validate import validate
 
 SPLITS = ("val", "train")
 

@@ -19,11 +19,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .. import compat  # noqa: F401  (torch.load allow-list for fair-esm checkpoints)
-from ..adapters.layouts import architecture
+from ... import compat  # noqa: F401  (torch.load allow-list for fair-esm checkpoints)
+from ...adapters.layouts import architecture
 from .esm_attention import enable_sdpa  # SDPA attention switch
-from ..runtime.artifacts import check_tensors, load_safetensors, read_json, torch_load
-from ..runtime.errors import UserError
+from ...runtime.artifacts import check_tensors, load_safetensors, read_json, torch_load
+from ...runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ import ml_collections as mlc
 import numpy as np
 import torch
 
-from ..adapters import get_adapter_set, has_adapters, load_adapter, save_adapter
-from ..atomic import write_json_atomic
-from ..runtime.artifacts import (check_tensors, load_safetensors, read_json, save_safetensors, sha256_file, torch_load,
+from ...adapters import get_adapter_set, has_adapters, load_adapter, save_adapter
+from ...atomic import write_json_atomic
+from ...runtime.artifacts import (check_tensors, load_safetensors, read_json, save_safetensors, sha256_file, torch_load,
                                  torch_save)
-from ..runtime.errors import ArtifactError, UserError
+from ...runtime.errors import ArtifactError, UserError
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -110,7 +110,7 @@ def restore_pretrained(model, cfg: mlc.ConfigDict, state: Optional[dict], record
     """
     if not cfg.model.get("init_from") or (state is not None and not needs_pretrained_base(model, state)):
         return False
-    from .pretrained import init_from_checkpoint
+    from .esmfold_read import init_from_checkpoint
 
     path = Path(str(cfg.model.init_from)).expanduser()
     if state is not None and not path.is_file():
@@ -216,9 +216,9 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     `overrides` (`key=value`) change the run's config for this use, e.g. a moved language model
     (`model.lm.path=…`) or the trunk's chunk size. Every file read is verified.
     """
-    from .build import build_model
+    from ..model.build import build_model
     from .config import USE_FREE
-    from .runs import read_run_config
+    from .resolve import read_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

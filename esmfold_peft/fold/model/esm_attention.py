@@ -6,7 +6,7 @@ fair-esm's `MultiheadAttention.forward` builds the attention scores and probabil
 function with `torch.nn.functional.scaled_dot_product_attention`, whose fused kernels (flash /
 memory-efficient on CUDA, flash on CPU) never hold the L×L probabilities.
 
-    from esmfold_peft.fold.esm_attention import enable_sdpa, disable_sdpa
+    from esmfold_peft.fold.model.esm_attention import enable_sdpa, disable_sdpa
     enable_sdpa(esm2_model)     # every fair-esm MultiheadAttention in it, this instance only
     disable_sdpa(esm2_model)    # back to fair-esm's forward
 

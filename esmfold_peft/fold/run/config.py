@@ -12,12 +12,12 @@ import math
 
 import ml_collections as mlc
 
-from ..adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
-from ..runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
-from ..runtime.errors import ConfigError
-from ..runtime.loop import check_run_keys
-from ..runtime.rundir import project_root
-from .losses import default_loss_config
+from ...adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
+from ...runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
+from ...runtime.errors import ConfigError
+from ...runtime.loop import check_run_keys
+from ...runtime.rundir import project_root
+from ..model.losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
 SCOPES = ("lm", "trunk", "both")  # where an adapter goes (adapter.scope)
@@ -62,7 +62,7 @@ def base_config() -> mlc.ConfigDict:
         "lddt_head_hid_dim": 128,
         "checkpoint_blocks": False,  # per-trunk-block activation checkpointing
         # torch.compile of each trunk block and/or each LM layer: none | trunk | lm | both (a speed setting;
-        # the same parameters and outputs, compiled on first use: see fold/build.py set_compile)
+        # the same parameters and outputs, compiled on first use: see fold/model/build.py set_compile)
         "compile": "none",
         # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads
         # (all when the trunk is retrained from scratch; none when a pretrained ESMFold is adapted)

@@ -15,8 +15,8 @@ from typing import Dict, Tuple
 import ml_collections as mlc
 import torch
 
-from .. import compat  # noqa: F401
-from .model import CA, predicted_atom37
+from ... import compat  # noqa: F401
+from .esmfold import CA, predicted_atom37
 
 from openfold.utils.loss import (compute_renamed_ground_truth, distogram_loss, fape_loss,  # noqa: E402
                                  lddt_loss, supervised_chi_loss, tm_loss)

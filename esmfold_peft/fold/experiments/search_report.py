@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..runtime.errors import COMPLETED, DIVERGED, INTERRUPTED, RUNNING  # noqa: F401  (the statuses used here too)
-from ..runtime.text import format_count, format_score, markdown_table
+from ...runtime.errors import COMPLETED, DIVERGED, INTERRUPTED, RUNNING  # noqa: F401  (the statuses used here too)
+from ...runtime.text import format_count, format_score, markdown_table
 
 ADAPTED = ("lorta", "lora")  # the methods that have an α
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import compat  # fair-esm dataclasses on Python >= 3.11, openfold import order, SM buffers
+from ... import compat  # fair-esm dataclasses on Python >= 3.11, openfold import order, SM buffers
 
 from esm.esmfold.v1.categorical_mixture import categorical_lddt  # noqa: E402
 from esm.esmfold.v1.tri_self_attn_block import TriangularSelfAttentionBlock  # noqa: E402

@@ -1,0 +1,54 @@
+"""Structures from sequences, as fair-esm's esm-fold predicts them, with a trained run or ESMFold.
+
+    run = predict_fasta("seqs.fasta", "runs/demo-lorta-r8", "predictions/")
+    run = predict_fasta("seqs.fasta", None, "predictions/", esmfold="esmfold_3B_v1.pt", lm="esm2_t36_3B_UR50D.pt")
+
+For each usable FASTA record (see `esmfold_peft.data.fasta` for what is accepted) it writes
+`<stem>.pdb`, `<stem>.json` and `<stem>.pae.npz` into the output directory, and `predictions.json`
+for the whole file. Conventions:
+
+* PDB: chains A, B, ... (one per chain of an `A:B` record; a monomer is chain A), each chain's
+  residues numbered from 1, every heavy atom the residue type has (atom37 from the structure
+  module's atom14 positions, as ESMFold writes them). X residues are written as UNK with a Cα
+  only, at the origin of the predicted backbone frame (the model places no other atom for them;
+  for the 20 standard residues that origin is exactly the predicted Cα);
+* B-factor column: each atom's own pLDDT (0..100) from the lDDT head, as esm-fold writes it (the
+  head predicts all 37 atom slots, so atoms of one residue differ). `mean_plddt` in the JSON is the
+  mean of the residues' Cα pLDDT, the channel the pLDDT-Cα loss trains and validation reports;
+* multimers: the chains are joined by a 25-residue poly-G linker and each chain's residue index
+  (with the linker after it) is raised by 512 per chain inside the model, exactly as esm-fold does
+  (`encode_sequences`). Unlike esm-fold, the linker is removed from everything written (no linker
+  residue in the PDB, its rows and columns cut from the PAE) and pTM is computed without it
+  (openfold's `compute_tm` with the linker's residue weights set to 0); for a monomer that is the
+  model's own pTM;
+* `<stem>.pae.npz`: `pae`, the predicted aligned error in Å (float16 [L, L], row i = residue
+  aligned on, column j = residue scored, L = residues without linkers), `chain_index` (int8 [L]) and
+  `max_predicted_aligned_error` (the largest value the head can predict, also in the JSON);
+* `<stem>` is the record id made filesystem-safe (`file_stems`);
+* batches: records are sorted by length and packed while (sequences × longest length, linkers
+  included) stays within the token budget (`max_tokens_per_batch`); shorter sequences are padded and
+  masked, and results do not depend on the batching beyond float rounding. A batch that runs out
+  of GPU memory is split in halves and retried, down to single sequences; a sequence that still
+  does not fit is reported as failed;
+* `chunk_size`: the trunk's triangular attention runs over chunks of this many rows (less memory,
+  the same structure up to float rounding), as esm-fold's `--chunk-size`;
+* several processes (`torchrun`, WORLD_SIZE > 1): the records are sorted by length and dealt out
+  in turn (snake order, so each process gets a similar share of long ones); each process writes its
+  records' files and a part summary (`.predictions.part-R-of-W.json`), and after a barrier rank 0
+  merges them into the one `predictions.json` (the part files are then removed). The files of a
+  record are the same as a single process writes;
+* adapter: merged into the language model's weights for inference by default (the base model's
+  cost), after checking on the first batch that merged outputs equal unmerged ones
+  (`merge_adapter_checked`); a mismatch beyond the tolerance is an error.
+"""
+
+from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
+                     encode_sequences, file_stems, length_batches, model_length, shard_records)
+from .job import PART_FILE, PredictionRun, PredictionWriter, is_out_of_memory, predict_fasta
+from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, MergeMismatchError, merge_adapter_checked
+from .outputs import PAE_SUFFIX, Prediction, predict_sequences
+
+__all__ = ["CHAIN_LINKER", "DEFAULT_MAX_TOKENS", "DEFAULT_MERGE_TOLERANCE", "PAE_SUFFIX", "PART_FILE",
+           "RESIDUE_INDEX_OFFSET", "SUMMARY_FILE", "MergeCheck", "MergeMismatchError", "Prediction", "PredictionError",
+           "PredictionRun", "PredictionWriter", "encode_sequences", "file_stems", "is_out_of_memory", "length_batches",
+           "merge_adapter_checked", "model_length", "predict_fasta", "predict_sequences", "shard_records"]
