@@ -1,65 +1,52 @@
-"""The benchmark smoke runs, started in the background when the test session starts.
+"""Test work that runs in other processes, started in the background when the test session starts.
 
-Each benchmark script runs in a fresh interpreter, single-threaded, as `make bench` runs it: minutes of
-subprocess time that would leave one of a 2-core machine's cores idle while they ran. So they run one
-after another in a background thread from the start of the session, beside the in-process tests, and
-the tests that read them are moved to the end of the session (conftest.py); a test that needs a run
-that is not finished waits for it.
+The benchmark smoke runs (each script in a fresh interpreter, single-threaded, as `make bench` runs
+them) and the multi-process runs (torchrun, DDP over gloo) spend most of their time in subprocesses:
+run in the test's turn, they would leave one of a 2-core machine's cores idle while the other waits.
+So a test module declares that part as a job next to its test,
 
-    result = background.result("bench")     # in a fixture: waits, then the job's outputs
+    @background.job("torchrun_train")
+    def torchrun_train(folder):          # a fresh folder of its own; returns what the test reads
+        return subprocess.run([...], ...)
+
+    def test_torchrun(...):
+        proc = background.result("torchrun_train")   # waits for it if needed
+        assert proc.returncode == 0 ...
+
+and conftest.py starts the jobs of the collected modules when collection ends, one after another in a
+background thread beside the in-process tests, and moves the tests that read them to the end of the
+session. A job that fails hands its exception to the test that reads it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
 TIMEOUT_S = 900
+JOBS: dict[str, tuple[str, Callable[[Path], object]]] = {}  # name -> (its test file's name, the job)
 
 
-def run(*cmd, env=None) -> subprocess.CompletedProcess:
+def job(name: str):
+    """Register `fn(folder) -> result` as the background job `name` of the module that defines it."""
+
+    def register(fn):
+        JOBS[name] = (Path(sys.modules[fn.__module__].__file__).name, fn)
+        return fn
+
+    return register
+
+
+def run(*cmd, env=None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python *cmd` in the project root, output captured."""
     return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=env)
-
-
-def gpu_suite(folder: Path) -> dict:
-    out = folder / "gpu_suite.json"
-    return {"out": out, "proc": run(BENCH / "gpu_suite.py", "--device", "cpu", "--smoke", "--out", out)}
-
-
-def bench(folder: Path) -> dict:
-    """`make bench`'s scripts through run_all.py (own results root, BENCHMARKS.md untouched), then esm_attention.py
-    (part of `make bench-long`) into the same machine folder."""
-    before = (ROOT / "BENCHMARKS.md").stat().st_mtime if (ROOT / "BENCHMARKS.md").exists() else None
-    everything = run(BENCH / "run_all.py", "--smoke", "--device", "cpu", "--results-root", folder)
-    after = (ROOT / "BENCHMARKS.md").stat().st_mtime if (ROOT / "BENCHMARKS.md").exists() else None
-    machines = [p for p in folder.iterdir() if p.is_dir()]
-    attention = None
-    if len(machines) == 1:
-        attention = run(BENCH / "esm_attention.py", "--smoke", "--device", "cpu", "--out",
-                        machines[0] / "esm_attention.json")
-    return {"root": folder, "machines": machines, "run_all": everything, "esm_attention": attention,
-            "benchmarks_md_untouched": before == after}
-
-
-def nlp_bench(folder: Path) -> dict:
-    have_peft = importlib.util.find_spec("peft") is not None
-    step = run(BENCH / "nlp_adapter_step.py", "--device", "cpu", "--smoke", "--out", folder / "step.json",
-               *([] if have_peft else ["--no-peft"]))
-    dpo = run(BENCH / "nlp_dpo_reference.py", "--device", "cpu", "--smoke", "--out", folder / "dpo.json")
-    return {"folder": folder, "have_peft": have_peft, "nlp_adapter_step": step, "nlp_dpo_reference": dpo}
-
-
-# job name -> (the test file that reads it, the function that makes it)
-JOBS = {"gpu_suite": ("test_gpu_suite_smoke.py", gpu_suite), "bench": ("test_bench_smoke.py", bench),
-        "nlp_bench": ("test_bench_nlp_smoke.py", nlp_bench)}
+                          timeout=timeout, env=env)
 
 
 class _Runner:
@@ -67,18 +54,19 @@ class _Runner:
         self.root = None
         self.results: dict = {}
         self.done: dict[str, threading.Event] = {}
-        self.thread = None
+        self.threads = []
 
     def start(self, names) -> None:
-        """Run the jobs `names` one after another in a background thread (from the first call on)."""
+        """Run the jobs `names` one after another, in registration order, in a background thread."""
         names = [n for n in JOBS if n in set(names) and n not in self.done]
         if not names:
             return
-        self.root = self.root or Path(tempfile.mkdtemp(prefix="esmfold_peft_bench_smoke_"))
+        self.root = self.root or Path(tempfile.mkdtemp(prefix="esmfold_peft_test_jobs_"))
         for name in names:
             self.done[name] = threading.Event()
-        self.thread = threading.Thread(target=self._work, args=(names,), daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self._work, args=(names,), daemon=True)
+        thread.start()
+        self.threads.append(thread)
 
     def _work(self, names) -> None:
         for name in names:
@@ -92,18 +80,19 @@ class _Runner:
                 self.done[name].set()
 
     def result(self, name: str):
-        """The job's outputs (started now if the session did not start it), once it has finished."""
+        """The job's result (the job is started now if the session did not start it), once it has finished."""
         if name not in self.done:
             self.start([name])
-        self.done[name].wait(TIMEOUT_S * 3)
+        if not self.done[name].wait(TIMEOUT_S * 3):
+            raise TimeoutError(f"the background job {name!r} did not finish")
         result = self.results.get(name)
-        if isinstance(result, BaseException) or result is None:
-            raise RuntimeError(f"the background benchmark run {name!r} failed: {result!r}")
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"the background job {name!r} failed: {result!r}") from result
         return result
 
     def finish(self) -> None:
-        if self.thread is not None:
-            self.thread.join(TIMEOUT_S * 3)
+        for thread in self.threads:
+            thread.join(TIMEOUT_S * 3)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 

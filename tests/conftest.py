@@ -133,18 +133,18 @@ def tiny_lorta_run(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The benchmark smoke runs start now, in the background (tests/background.py); their tests go last.
+    """The collected modules' background jobs start now (tests/background.py); the modules' tests go last.
 
-    While they run on one core, this process computes on the other: one torch thread (two would wait for
-    each other at every parallel region whenever the background holds a core).
+    While the jobs run on one core, this process computes on the other: one torch thread (two would wait
+    for each other at every parallel region whenever a job holds a core).
     """
     import background
     import torch
 
     torch.set_num_threads(1)
-
-    files = {test_file: name for name, (test_file, _) in background.JOBS.items()}
-    background.runner.start({files[item.path.name] for item in items if item.path.name in files})
+    files = {test_file for test_file, _ in background.JOBS.values()}
+    background.runner.start([name for name, (test_file, _) in background.JOBS.items()
+                             if any(item.path.name == test_file for item in items)])
     items.sort(key=lambda item: item.path.name in files)  # stable: the order within each group is kept
 
 

@@ -25,12 +25,12 @@ TINY_LM = dict(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention
 
 def write_tiny_hf_esm(directory: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide ESM-2-shaped Hugging Face checkpoint (safetensors + config.json)."""
-    import torch
-    from transformers import EsmConfig, EsmForMaskedLM
-
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
+    import torch
+    from transformers import EsmConfig, EsmForMaskedLM  # slow to import: only when the checkpoint is missing
+
     torch.manual_seed(seed)
     EsmForMaskedLM(EsmConfig(**TINY_LM)).save_pretrained(directory)
     return directory

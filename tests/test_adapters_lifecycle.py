@@ -2,13 +2,12 @@
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import background
 import tiny_models as tm
 from esmfold_peft.adapters import (AdapterError, AdapterLoadError, AttentionLayout, LayoutError, LoRA,
                                    LoRAConfig, LoRTA, LoRTAConfig, add_adapter, architecture, build_adapter,
@@ -312,9 +311,15 @@ def test_count_params_script_reproduces_paper(args, params, capsys):
     assert record["params"] == params == record["formula"]
 
 
+@background.job("count_params_program")
+def count_params_program(folder):
+    return background.run(ROOT / "scripts" / "count_params.py", "--arch", "roberta-base", "--adapter", "lorta",
+                          "--rank", "4")
+
+
 def test_count_params_script_runs_as_a_program():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_params.py"), "--arch", "roberta-base",
-                          "--adapter", "lorta", "--rank", "4"], capture_output=True, text=True, check=True)
+    out = background.result("count_params_program")
+    assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == 3440
 
 

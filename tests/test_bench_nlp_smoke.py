@@ -24,9 +24,17 @@ def run_script(name, *args, env=None):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
+@background.job("nlp_bench")
+def nlp_bench_smoke(folder):
+    step = background.run(BENCH / "nlp_adapter_step.py", "--device", "cpu", "--smoke", "--out", folder / "step.json",
+                          *([] if HAVE_PEFT else ["--no-peft"]))
+    dpo = background.run(BENCH / "nlp_dpo_reference.py", "--device", "cpu", "--smoke", "--out", folder / "dpo.json")
+    return {"folder": folder, "nlp_adapter_step": step, "nlp_dpo_reference": dpo}
+
+
 @pytest.fixture(scope="module")
 def smoke():
-    job = background.result("nlp_bench")  # started with the session (tests/background.py)
+    job = background.result("nlp_bench")
     for name in ("nlp_adapter_step", "nlp_dpo_reference"):
         proc = job[name]
         assert proc.returncode == 0, name + ": " + proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -101,16 +109,21 @@ def test_report_renders_the_nlp_sections(smoke, tmp_path):
     assert "disabled-adapter reference" in text and "**Targets**" in text
 
 
-def test_missing_peft_is_one_error_line(tmp_path):
-    fake = tmp_path / "peft"
+@background.job("nlp_bench_without_peft")
+def without_peft(folder):
+    fake = folder / "peft"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('peft hidden by the test')\n")
-    env = dict(__import__("os").environ, PYTHONPATH=str(tmp_path))
-    proc = run_script("nlp_adapter_step", "--smoke", "--out", str(tmp_path / "x.json"), env=env)
+    env = dict(__import__("os").environ, PYTHONPATH=str(folder))
+    return run_script("nlp_adapter_step", "--smoke", "--out", str(folder / "x.json"), env=env), folder
+
+
+def test_missing_peft_is_one_error_line():
+    proc, folder = background.result("nlp_bench_without_peft")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "pip install peft" in lines[0]
-    assert not (tmp_path / "x.json").exists()
+    assert not (folder / "x.json").exists()
 
 
 # --- parity ----------------------------------------------------------------------------------------

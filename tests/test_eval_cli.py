@@ -1,14 +1,13 @@
 """scripts/evaluate.py end to end on small PDB files written here."""
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import background
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "evaluate.py"
@@ -48,17 +47,20 @@ def make_inputs(root):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fold_fixtures import load_script as load
+
+    return load("evaluate")
 
 
-def test_directories_with_an_unparseable_file_exit_1_and_evaluate_the_others(tmp_path):
-    pred_dir, ref_dir = make_inputs(tmp_path)
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--pred", str(pred_dir), "--ref", str(ref_dir),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+@background.job("evaluate_program")
+def evaluate_program(folder):
+    pred_dir, ref_dir = make_inputs(folder)
+    out = folder / "out"
+    return background.run(SCRIPT, "--pred", pred_dir, "--ref", ref_dir, "--out", out), pred_dir, ref_dir, out
+
+
+def test_directories_with_an_unparseable_file_exit_1_and_evaluate_the_others():
+    proc, pred_dir, ref_dir, out = background.result("evaluate_program")  # the script as a program
     assert proc.returncode == 1, proc.stderr
     assert f"to {out}" in proc.stdout and "2 chain(s)" in proc.stdout
     assert str(pred_dir / "broken.pdb") in proc.stderr

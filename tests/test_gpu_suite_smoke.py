@@ -9,17 +9,27 @@ utilisation stays empty).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
 import background
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.slow  # a fresh interpreter, two DDP processes: about a minute, more on a busy machine
+
+
+@background.job("gpu_suite")
+def gpu_suite_smoke(folder):
+    out = folder / "gpu_suite.json"
+    return {"out": out, "proc": background.run(ROOT / "bench" / "gpu_suite.py", "--device", "cpu", "--smoke",
+                                               "--out", out)}
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    job = background.result("gpu_suite")  # started with the session (tests/background.py)
+    job = background.result("gpu_suite")
     proc = job["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(job["out"].read_text()), proc.stdout

@@ -1,12 +1,12 @@
 """The NLP training loop on tiny random encoders: the run contract, exact resume, interrupts, divergence."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import background
 
 from esmfold_peft.adapters import LoRTA, LoRTAConfig, load_adapter
 from esmfold_peft.nlp.config import base_config, config_for_resume, resolve_defaults
@@ -200,9 +200,14 @@ def test_batches_depend_only_on_seed_and_step():
     assert sorted(flat) == list(range(10))
 
 
-def test_script_reports_a_bad_key_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_nlp.py"), "--task", "rt-polarity",
-                          "--set", "optim.lrr=1", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+@background.job("train_nlp_program")
+def train_nlp_program(folder):
+    return background.run(ROOT / "scripts" / "train_nlp.py", "--task", "rt-polarity", "--set", "optim.lrr=1",
+                          "--out", folder / "x")
+
+
+def test_script_reports_a_bad_key_in_one_line():
+    out = background.result("train_nlp_program")  # the script as a program
     assert out.returncode == 2
     assert "did you mean 'optim.lr'" in out.stderr and "Traceback" not in out.stderr
 

@@ -5,14 +5,13 @@ outcomes (diverged or an LDDT-Cα per α), so the whole staged logic runs withou
 end-to-end test runs scripts/alpha_search.py on a tiny model.
 """
 
-import importlib.util
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import background
 
 from esmfold_peft.fold.experiments import search
 from esmfold_peft.fold import train as trainer
@@ -21,7 +20,7 @@ from esmfold_peft.fold.run.checkpoint import write_json_atomic
 from esmfold_peft.fold.experiments.search import (ALL_DIVERGED, CHOSEN, INTERRUPTED, SearchError, alpha_dir_name, alpha_search,
                                       choose, parse_multipliers, stage_alphas, stages)
 from esmfold_peft.fold.experiments.sweep import parse_runs, run_sweep
-from fold_fixtures import tiny_run_config
+from fold_fixtures import load_script, tiny_run_config, write_tiny_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -281,13 +280,6 @@ def test_sweep_with_a_given_alpha_shares_runs_with_a_search(fake, base, tmp_path
 
 # --- the scripts ----------------------------------------------------------------------------------
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_alpha_search_script_arguments(capsys):
     main = load_script("alpha_search").main
     assert main(["--adapter", "lorta", "--rank", "1", "--floor", "2", "--schedule"]) == 0
@@ -302,7 +294,7 @@ def test_alpha_search_script_arguments(capsys):
 
 
 def test_sweep_script_prints_the_tables(fake, tmp_path, capsys):
-    config = write_tiny_config(tmp_path, steps=3)
+    config = write_tiny_config_file(tmp_path, steps=3)
     fake(lambda a: 0.3 if a == "none" else 0.5)
     main = load_script("sweep").main
     argv = ["--config", str(config), "--runs", "none,lorta:2", "--alpha", "4", "--out", str(tmp_path / "w"),
@@ -317,29 +309,28 @@ def test_sweep_script_prints_the_tables(fake, tmp_path, capsys):
     assert "needs a rank" in capsys.readouterr().err
 
 
-def write_tiny_config(tmp_path: Path, steps: int) -> Path:
-    """tiny_run_config as a config file the scripts can load."""
-    tiny_run_config(tmp_path, steps=steps)  # writes the tiny LM and structures under tmp_path
-    path = tmp_path / "tiny_config.py"
-    path.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom fold_fixtures import tiny_run_config\n\n\n"
-                    f"def get_config():\n    return tiny_run_config({str(tmp_path)!r}, steps={steps})\n")
-    return path
+SEARCH_ARGS = ["--adapter", "lorta", "--rank", "2", "--multipliers", "4,2", "--floor", "2", "--no-progress"]
+
+
+@background.job("alpha_search_program")
+def alpha_search_program(folder: Path):
+    """The script as a program: a search where every α diverges (a loss threshold below any loss)."""
+    config = write_tiny_config_file(folder, steps=2)
+    proc = background.run(ROOT / "scripts" / "alpha_search.py", "--config", config, *SEARCH_ARGS, "--out",
+                          folder / "search", "--set", "train.diverge_loss_threshold=0.001")
+    return proc, config, folder / "search"
 
 
 @pytest.mark.slow
 def test_alpha_search_script_end_to_end(tmp_path, capsys, caplog):
     """Real training on the tiny model: a first search where every α diverges (a loss threshold below any
     loss), a stored-config mismatch, a search that chooses, and a rerun that retrains nothing."""
-    config = write_tiny_config(tmp_path, steps=2)
-    out = tmp_path / "search"
-    argv = ["--config", str(config), "--adapter", "lorta", "--rank", "2", "--multipliers", "4,2", "--floor", "1",
-            "--no-progress", "--out"]
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "alpha_search.py"), *argv, str(out),
-                           "--set", "train.diverge_loss_threshold=0.001"], capture_output=True, text=True)
+    proc, config, out = background.result("alpha_search_program")
+    argv = ["--config", str(config), *SEARCH_ARGS, "--out"]
     assert proc.returncode == 3, proc.stderr
-    assert "all diverged down to the floor α ≥ 1" in proc.stdout
+    assert "all diverged down to the floor α ≥ 2" in proc.stdout
     state = json.loads((out / "search.json").read_text())
-    assert [c["alpha"] for c in state["candidates"]] == [8, 4, 2, 1]
+    assert [c["alpha"] for c in state["candidates"]] == [8, 4, 2]
     assert all(c["diverged"] and "above train.diverge_loss_threshold" in c["divergence_rule"]
                for c in state["candidates"])
 
