@@ -29,6 +29,7 @@ import torch
 
 from common import (ROOT, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
                     peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, SMOKE_RUNS, run_conf)
+from esmfold_peft.adapters import is_adapter_param
 
 VARIANTS = ("none", "lora r=1", "lorta r=8", "full")
 FROZEN = "none"
@@ -109,7 +110,7 @@ def make_steps(model, aset, cfg, batch, device, bf16: bool):
     from esmfold_peft.fold.train import fold_step
 
     lm_trainable = [p for n, p in model.esm.named_parameters()
-                    if not n.startswith(("peft.", "lm_head.", "contact_head."))]
+                    if not is_adapter_param(n) and not n.startswith(("lm_head.", "contact_head."))]
     trunk = [p for n, p in model.named_parameters() if not n.startswith("esm.") and p.requires_grad]
     adapters = {"lora r=1": list(aset.get("lora_r1").parameters()), "lorta r=8": list(aset.get("default").parameters())}
     trainable = {"none": trunk, "full": trunk + lm_trainable,

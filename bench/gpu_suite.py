@@ -54,6 +54,7 @@ import torch
 
 from common import (ROOT, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, fmt_s, interleaved, load_average,
                     peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, synchronize)
+from esmfold_peft.adapters import is_adapter_param
 
 SECTIONS = ("fold", "lm", "predict", "ddp", "compile")
 # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s; matched on the device
@@ -349,7 +350,7 @@ def section_predict(args, device, smoke: bool) -> dict:
     fair = build_fair_esmfold(trunk, lm_dims, device, args.seed)
     models = {"fair-esm infer": fair, "ours": build_ours_from(fair, trunk, device, "float32"),
               "ours, bf16 LM": build_ours_from(fair, trunk, device, "bfloat16")}
-    lm_bytes = {n: sum(p.numel() * p.element_size() for k, p in m.esm.named_parameters() if not k.startswith("peft."))
+    lm_bytes = {n: sum(p.numel() * p.element_size() for k, p in m.esm.named_parameters() if not is_adapter_param(k))
                 for n, m in models.items()}
     ca = {}
 

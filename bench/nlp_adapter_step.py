@@ -42,7 +42,7 @@ import torch
 
 from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
                     pick_device, ratio_summary, resident_bytes, set_threads, run_conf)
-from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, detect_layout, get_adapter_set
+from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, detect_layout, get_adapter_set, is_adapter_param
 from esmfold_peft.adapters.layouts import FAMILIES, MATRICES
 from esmfold_peft.runtime.cli import run_main
 from esmfold_peft.runtime.errors import UserError
@@ -223,7 +223,7 @@ def make_steps(model, layout, inputs: dict, device, bf16: bool, with_peft: bool,
             adapter = add_adapter(model, cfg, name=key)
             trainers[ours(method, r)] = (adapter, torch.optim.Adam(adapter.parameters(), lr=lr), key)
     aset = get_adapter_set(model)
-    base = [p for n, p in model.named_parameters() if not n.startswith("peft.")] + list(model.buffers())
+    base = [p for n, p in model.named_parameters() if not is_adapter_param(n)] + list(model.buffers())
 
     def floor():
         with torch.no_grad(), aset.disabled(), autocast(device, bf16):

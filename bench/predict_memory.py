@@ -56,6 +56,7 @@ from common import (GiB, MiB, TensorMemoryTracker, base_parser, child_main, cloc
                     synchronize)
 from esmfold_peft.runtime.cli import run_main
 from esmfold_peft.runtime.errors import UserError
+from esmfold_peft.adapters import is_adapter_param
 
 VARIANTS = {  # name -> (trunk chunk size, LM SDPA, LM storage dtype)
     "none": (None, False, "float32"),
@@ -151,7 +152,7 @@ def run_cell(spec: dict) -> dict:
     model, cfg = build_model(spec["variant"], spec["smoke"], spec["seed"])
     model.to(device)
     resident = resident_bytes(model)  # every block's weights, also those not run below
-    lm_bytes = sum(p.numel() * p.element_size() for n, p in model.esm.named_parameters() if not n.startswith("peft."))
+    lm_bytes = sum(p.numel() * p.element_size() for n, p in model.esm.named_parameters() if not is_adapter_param(n))
     full_blocks = len(model.trunk.blocks)
     k = spec["blocks_run"] or full_blocks
     all_blocks = model.trunk.blocks

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-
+from esmfold_peft.adapters import is_adapted
 from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
 from esmfold_peft.runtime.errors import EXIT_OK, UserError
 
@@ -48,7 +48,7 @@ def parse_methods(text):
             grid.append(("none", 0))
         elif item == "full":
             grid.append(("full", 0))
-        elif "-r" in item and item.split("-r")[0] in ("lorta", "lora") and item.split("-r")[1].isdigit():
+        elif "-r" in item and is_adapted(item.split("-r")[0]) and item.split("-r")[1].isdigit():
             method, rank = item.split("-r")
             grid.append((method, int(rank)))
         else:
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from esmfold_peft.nlp.config import load_config
-    from esmfold_peft.runtime.rundir import project_root
     from esmfold_peft.nlp.sweep import run_sweep
     from esmfold_peft.runtime.config import apply_overrides
+    from esmfold_peft.runtime.rundir import project_root
 
     grid = parse_methods(args.methods)
     out = args.out or project_root() / "runs" / f"nlp-sweep-{args.task}"

@@ -24,13 +24,12 @@ import logging
 import sys
 from pathlib import Path
 
-
+from esmfold_peft.adapters import is_adapted
+from esmfold_peft.fold.run.config import ADAPTERS, SCOPES
 from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
                                       overrides_from, positive_float, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 from esmfold_peft.runtime.session import world_size
-from esmfold_peft.fold.run.config import ADAPTERS, SCOPES
-
 
 
 def parse_args(argv=None):
@@ -75,7 +74,7 @@ def check_flags(args, method: str) -> None:
     if args.modes is not None and method != "lorta":
         raise UserError(f"--modes applies to LoRTA only (this run's adapter is {method})")
     if (args.rank is not None or args.alpha is not None or args.adapter_scope is not None) \
-            and method not in ("lorta", "lora"):
+            and not is_adapted(method):
         raise UserError(f"--rank, --alpha and --adapter-scope apply to lorta and lora (this run's adapter is {method})")
 
 
@@ -99,7 +98,7 @@ def default_out(cfg) -> Path:
     from esmfold_peft.runtime.rundir import project_root
 
     name = f"{cfg.name}-{cfg.adapter.method}"
-    if cfg.adapter.method in ("lorta", "lora"):
+    if is_adapted(cfg):
         name += f"-r{cfg.adapter.rank}"
     base = project_root() / "runs" / name
     out, n = base, 1

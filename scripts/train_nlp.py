@@ -21,12 +21,12 @@ import logging
 import sys
 from pathlib import Path
 
-
+from esmfold_peft.adapters import is_adapted
+from esmfold_peft.nlp.models import METHODS
 from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
                                       non_negative_int, overrides_from, positive_float, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 
-METHODS = ("lorta", "lora", "none", "full")
 
 
 def parse_args(argv=None):
@@ -74,7 +74,7 @@ def default_out(cfg) -> Path:
     from esmfold_peft.runtime.rundir import project_root
 
     name = f"nlp-{cfg.task}-{cfg.adapter.method}"
-    if cfg.adapter.method in ("lorta", "lora"):
+    if is_adapted(cfg):
         name += f"-r{cfg.adapter.rank}"
     base = project_root() / "runs" / name
     out, n = base, 1

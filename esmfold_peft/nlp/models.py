@@ -25,7 +25,7 @@ import ml_collections as mlc
 import torch
 from torch import nn
 
-from ..adapters import (AdapterError, LayoutError, LoRAConfig, LoRTAConfig, add_adapter, detect_layout,
+from ..adapters import (AdapterError, LayoutError, LoRAConfig, LoRTAConfig, add_adapter, detect_layout, is_adapted,
                         get_adapter_set)
 from ..adapters.config import AdapterConfigError
 from ..runtime.artifacts import verify_checksum
@@ -206,7 +206,7 @@ def prepare_training(net: Network, cfg: mlc.ConfigDict) -> dict:
     model = net.model
     total = sum(p.numel() for p in model.parameters())
     adapter_params = 0
-    if method in ("lorta", "lora"):
+    if is_adapted(method):
         try:
             adapter = add_adapter(model, adapter_config(cfg), freeze=True)
         except (LayoutError, AdapterError) as exc:

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..adapters import is_adapter_param
 from ..runtime.artifacts import load_safetensors, save_safetensors
 from ..runtime.errors import ArtifactError, ConfigError
 from ..runtime.rundir import RunDir
@@ -259,7 +260,7 @@ class PreferenceTask(Task):
         return dpo_metrics(losses, crew, rrew, pc, pr)
 
     def after_training(self, run: RunDir, extra: dict) -> dict:
-        base = [p for n, p in self.net.model.named_parameters() if not n.startswith("peft.")]
+        base = [p for n, p in self.net.model.named_parameters() if not is_adapter_param(n)]
         avoided = sum(p.numel() * p.element_size() for p in base)
         return {"reference": {
             "policy": "the same network with its adapter disabled" if self.net.adapter_set is not None

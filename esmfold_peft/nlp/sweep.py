@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import ml_collections as mlc
 
+from ..adapters import is_adapted
 from ..runtime.config import apply_overrides
 from ..runtime.errors import COMPLETED, EXIT_INTERRUPTED, EXIT_OK
 from ..runtime.rundir import RunDir
@@ -29,7 +30,7 @@ DEFAULT_GRID = (("lorta", 1), ("lorta", 4), ("lorta", 8), ("lora", 1), ("lora", 
 
 
 def label(method: str, rank: int) -> str:
-    return f"{method}-r{rank}" if method in ("lorta", "lora") else {"none": "head-only", "full": "full"}[method]
+    return f"{method}-r{rank}" if is_adapted(method) else {"none": "head-only", "full": "full"}[method]
 
 
 def run_sweep(make_config: Callable[[], mlc.ConfigDict], out: Path, grid: Sequence[tuple] = DEFAULT_GRID,
@@ -68,7 +69,7 @@ def collect(out: Path, grid: Sequence[tuple]) -> list[dict]:
             continue
         s = run.read_summary()
         p = s["parameters"]
-        encoder = p["adapter"] if method in ("lorta", "lora") else (p["trainable"] - p["head"] if method == "full" else 0)
+        encoder = p["adapter"] if is_adapted(method) else (p["trainable"] - p["head"] if method == "full" else 0)
         final = s.get("eval_final") or {}
         rows.append({"label": label(method, rank), "method": method, "rank": rank or None, "adapter": p["adapter"],
                      "x_parameters": encoder, "head": p["head"], "trainable": p["trainable"],

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ...adapters import METHODS
 from ...runtime.errors import COMPLETED, DIVERGED, INTERRUPTED, RUNNING  # noqa: F401  (the statuses used here too)
 from ...runtime.text import format_count, format_score, markdown_table
 
-ADAPTED = ("lorta", "lora")  # the methods that have an α
+ADAPTED = METHODS  # the methods that have an α: the adapter registry's (lorta, lora)
 
 # search.json `status`, beside the run statuses running and interrupted
 CHOSEN, ALL_DIVERGED = "chosen", "all_diverged"

@@ -9,7 +9,7 @@ import sys
 import ml_collections as mlc
 import torch
 
-from ...adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
+from ...adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set, is_adapter_param
 from ...adapters.config import parse_modes
 from ...runtime.errors import ConfigError
 from ..run.config import ADAPTERS, COMPILE_MODES, adapter_alpha, parse_parts
@@ -180,7 +180,7 @@ def parameter_counts(model: AdaptedESMFold) -> dict:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("esm.peft.", "trunk.peft.")):
+        if is_adapter_param(name):
             counts["adapter"] += p.numel()
         elif name.startswith("esm."):
             counts["language_model"] += p.numel()
@@ -188,5 +188,5 @@ def parameter_counts(model: AdaptedESMFold) -> dict:
             counts["trunk_and_heads"] += p.numel()
     counts["total"] = sum(counts.values())
     counts["language_model_total"] = sum(p.numel() for n, p in model.esm.named_parameters()
-                                         if not n.startswith("peft."))
+                                         if not is_adapter_param(n))
     return counts

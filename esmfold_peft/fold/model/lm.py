@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ... import compat  # noqa: F401  (torch.load allow-list for fair-esm checkpoints)
+from ...adapters import is_adapter_param
 from ...adapters.layouts import architecture
 from .esm_attention import enable_sdpa  # SDPA attention switch
 from ...runtime.artifacts import check_tensors, load_safetensors, read_json, torch_load
@@ -214,7 +215,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _base_parameters(lm):
-    return [p for n, p in lm.named_parameters() if not n.startswith("peft.")]
+    return [p for n, p in lm.named_parameters() if not is_adapter_param(n)]
 
 
 def set_storage_dtype(lm, dtype) -> int:

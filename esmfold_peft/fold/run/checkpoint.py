@@ -28,7 +28,7 @@ import ml_collections as mlc
 import numpy as np
 import torch
 
-from ...adapters import get_adapter_set, has_adapters, load_adapter, save_adapter
+from ...adapters import get_adapter_set, has_adapters, is_adapted, is_adapter_param, load_adapter, save_adapter
 from ...atomic import write_json_atomic
 from ...runtime.artifacts import (check_tensors, load_safetensors, read_json, save_safetensors, sha256_file, torch_load,
                                  torch_save)
@@ -39,7 +39,6 @@ LAST = "last.pt"
 FOLD_WEIGHTS = "fold_model.safetensors"
 PRETRAINED_RECORD = "init_from.json"
 ADAPTER_DIRS = {"esm": "adapter", "trunk": "trunk_adapter"}  # where each adapted part's adapter is exported
-ADAPTER_PREFIXES = tuple(f"{part}.peft." for part in ADAPTER_DIRS)
 # a checkpoint's top level: key -> type
 CHECKPOINT_KEYS = {"format": int, "step": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
                    "rng": dict, "extra": dict}
@@ -58,7 +57,7 @@ def trained_state(model, pretrained_base: bool = False) -> dict:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
     def changes(k: str) -> bool:
-        if k in trainable or k.startswith(ADAPTER_PREFIXES):
+        if k in trainable or is_adapter_param(k):
             return True
         return not pretrained_base and not k.startswith("esm.")
 
@@ -195,7 +194,7 @@ def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional
     only the tensors training changed. Returns the folders written.
     """
     state = {k: v.contiguous() for k, v in trained_state(model, pretrained_base=pretrained is not None).items()
-             if not k.startswith(ADAPTER_PREFIXES)}
+             if not is_adapter_param(k)}
     out = Path(run_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, out / FOLD_WEIGHTS)
@@ -250,14 +249,14 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     # exported model: build without an adapter, load fold weights, then the saved adapter
     state = load_safetensors(weights)
     bare = mlc.ConfigDict(cfg.to_dict())
-    if method in ("lorta", "lora"):
+    if is_adapted(method):
         bare.adapter.method = "none"
     model = build_model(bare)
     record_path = run_dir / "model" / PRETRAINED_RECORD
     record = PretrainedRecord.from_dict(read_json(record_path), str(record_path)) if record_path.exists() else None
     base = restore_pretrained(model, cfg, state, record, str(weights))
     load_trained_state(model, state, str(weights), base_loaded=base)
-    if method in ("lorta", "lora"):
+    if is_adapted(method):
         scope = cfg.adapter.scope
         for part in (("esm",) if scope == "lm" else ("trunk",) if scope == "trunk" else ("esm", "trunk")):
             load_adapter(getattr(model, part), run_dir / ADAPTER_DIRS[part], name="default")

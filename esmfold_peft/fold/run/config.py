@@ -12,6 +12,7 @@ import math
 
 import ml_collections as mlc
 
+from ...adapters import is_adapted
 from ...adapters.config import AdapterConfigError, LoRTAConfig, parse_modes
 from ...runtime.config import apply_overrides, load_config_file  # noqa: F401  (scripts import them from here)
 from ...runtime.errors import ConfigError
@@ -142,7 +143,7 @@ def load_config(name_or_path: str) -> mlc.ConfigDict:
 
 def resolve_alpha(cfg: mlc.ConfigDict) -> None:
     """Store α explicitly: 0 (or unset) means α = r, i.e. scale 1."""
-    if cfg.adapter.method in ("lorta", "lora") and not cfg.adapter.alpha:
+    if is_adapted(cfg) and not cfg.adapter.alpha:
         cfg.adapter.alpha = float(cfg.adapter.rank)
 
 
@@ -207,7 +208,7 @@ def check_config(cfg: mlc.ConfigDict) -> None:
         raise ConfigError(f"model.compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.model.compile!r}")
     if a.scope not in SCOPES:
         raise ConfigError(f"adapter.scope must be one of {', '.join(SCOPES)}, got {a.scope!r}")
-    if a.scope != "lm" and a.method not in ("lorta", "lora"):
+    if a.scope != "lm" and not is_adapted(cfg):
         raise ConfigError(f"adapter.scope={a.scope} needs adapter.method lorta or lora (it is {a.method})")
     parse_parts(cfg.model.trainable)
     if a.method == "lorta":
