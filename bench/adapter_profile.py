@@ -23,7 +23,7 @@ import torch
 
 from adapter_step import SHAPES, shape_dims
 from common import (base_parser, finish, fmt_ms, fmt_ratio, interleaved, load_average, pick_device, ratio_summary,
-                    set_threads, summary)
+                    set_threads, summary, verdict_at_most)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, build_adapter
 from esmfold_peft.adapters.layouts import AttentionLayout
 
@@ -33,6 +33,30 @@ def load_lorta_class(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.LoRTA
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_adapter_profile(d: dict) -> tuple[list, str]:
+    ratios = d.get("ratios", {})
+    txt = "; ".join(f"{k} {fmt_ratio(q)}" for k, q in ratios.items())
+    targets = [[f"LoRTA/LoRA, the adapters alone, {k}, {d['layout']['d_model']}-wide", "≤ 1", fmt_ratio(q), verdict_at_most(q)]
+               for k, q in ratios.items()]
+    return targets, (
+        "With the frozen model taken away this is the adapters' own work, which the full step hides (there it is a "
+        f"few percent of the step, less than the round-to-round noise). LoRTA/LoRA: {txt}. Per layer LoRTA runs 18 "
+        "thin products (6 forward, 12 backward; x A is shared by q, k and v) against LoRA's 24, but thin products "
+        "are bound by memory traffic over the N×d activations and by the BLAS kernel each operand layout selects, "
+        "not by their FLOPs; at small width and rank the few tiny ops that form LoRTA's per-call factors (w, Kᵀ, "
+        "Aᵀ) also show. Profiling this benchmark (`--profile`; per-op self times are in the JSON) on the first "
+        "LoRTA implementation showed autograd computing its factor gradients as (d×N)(N×r) products, several "
+        "times slower per call on this CPU than the (r×N)(N×d) orientation; `lorta.py` now forms Aᵀ and Kᵀ as "
+        "contiguous r×d matrices, so every factor gradient takes the fast orientation.")
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "adapter_profile": ("1b. The adapters alone", read_adapter_profile),
+}
 
 
 def main() -> None:

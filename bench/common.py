@@ -39,8 +39,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -388,6 +386,48 @@ def fmt_ratio(s: dict) -> str:
 
 def fmt_mib(b: Optional[float]) -> str:
     return "–" if b is None else f"{b / MiB:,.1f}"
+
+
+# --- the words of BENCHMARKS.md: what each script's `REPORT` reading uses ---------------------------------
+
+TARGET_SHAPES = ("650M", "3B")  # the ESM-2 shapes the targets are stated for
+
+
+def mib_text(b: Optional[float]) -> str:
+    return "–" if b is None else f"{b / MiB:,.1f} MiB"
+
+
+def span(values, digits: int = 2) -> str:
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def verdict_at_most(s: dict, target: float = 1.0) -> str:
+    """A ratio summary (median, min, max) against an upper target."""
+    if s["median"] <= target:
+        return "met"
+    if s["min"] <= target:
+        return "not resolved (median above, spread includes the target)"
+    return "missed"
+
+
+def verdict_at_least(value: float, target: float) -> str:
+    return "met" if value >= target else "missed"
+
+
+def verdict_near(s: dict, target: float = 1.0, tolerance: float = 0.05) -> str:
+    if abs(s["median"] - target) <= tolerance:
+        return "met"
+    if s["min"] <= target + tolerance and s["max"] >= target - tolerance:
+        return "not resolved (median outside, spread reaches the band)"
+    return "missed"
+
+
+def worst_verdict(verdicts) -> str:
+    for v in verdicts:
+        if v == "missed":
+            return v
+    return next((v for v in verdicts if v != "met"), "met")
 
 
 def finish(name: str, args, device: torch.device, started: float, load_before, payload: dict) -> Path:

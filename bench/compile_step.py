@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from common import (autocast, base_parser, cuda_transient, finish, fmt_ratio, fmt_s, interleaved, load_average,
-                    pick_device, ratio_summary, set_threads, summary, synchronize)
+                    pick_device, ratio_summary, set_threads, summary, synchronize, verdict_at_most)
 
 PARTS = ("fold", "lm", "predict")
 DEFAULT_PARTS = ("fold", "lm")
@@ -391,6 +391,54 @@ def tables(r: dict, prefix: str = "torch.compile") -> list:
                               + ("; both is compiled after trunk, so its compile time is the LM's" if part == "fold"
                                  else "") + "."]})
     return out
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_compile_step(d: dict) -> tuple[list, str]:
+    targets, parts, amortise = [], [], []
+    for key, label in (("fold", "folding step"), ("lm", "ESM-2 step"), ("predict", "prediction")):
+        if key not in d:
+            continue
+        x = d[key]
+        eager = x["variants"][x["order"][0]]
+        cold = cached = 0.0  # the fold part compiles `both` after `trunk`: its times are the LM's alone
+        for name in x["order"][1:]:
+            v = x["variants"][name]
+            again = v.get("cached_compile_seconds")
+            cold, cached = cold + v["compile_seconds"], cached + (again or 0.0)
+            q = v["vs_eager"]
+            what = f"{label}, {'model.compile=' + name if key != 'lm' else 'layers compiled'}"
+            targets.append([f"compiled / eager time, {what}", "< 1", fmt_ratio(q), verdict_at_most(q)])
+            notes = ([] if again is None else [f"{again:.0f} s from filled caches"]) + \
+                (["the LM's, after the trunk's"] if name == "both" else [])
+            rel = v["max_rel_factor_gradient_difference"]
+            parts.append(f"{what}: {fmt_ratio(q)} of the eager time, "
+                         + ("–" if v["memory_vs_eager"] is None else f"{v['memory_vs_eager']:.2f}")
+                         + f" of its step memory, compiled in {v['compile_seconds']:.0f} s"
+                         + (f" ({'; '.join(notes)})" if notes else "")
+                         + f"; max |Δ| output {v['max_abs_output_difference']:.1e} (largest value "
+                         f"{v['output_scale']:.1e})"
+                         + ("" if rel is None else f", factor gradients {rel:.1e} relative"))
+            saving = eager["seconds_per_step"]["median"] - v["seconds_per_step"]["median"]
+            if q["median"] < 1 and saving > 0:
+                amortise.append(f"{what} after {cold / saving:,.0f} steps"
+                                + ("" if again is None else f" ({cached / saving:,.0f} with the caches filled)"))
+    clock = "CPU" if d["device"] == "cpu" else "wall"
+    text = ("Each trunk block and each LM layer is compiled on its own; recycling, the structure module, the "
+            "losses and the optimizer stay eager. Compiled against eager on the same weights and input ("
+            f"backend {d['backend']}, compile times in {clock} seconds): " + "; ".join(parts) + ". ")
+    text += (("The per-step saving repays the compile time: " + "; ".join(amortise) + ".") if amortise else
+             "No compiled variant was faster than eager here: on this machine compiling costs its compile time "
+             "and saves nothing.")
+    if d["device"] == "cpu":
+        text += " On GPU the GPU suite's section (e) measures the same switch."
+    return targets, text
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "compile_step": ("10. torch.compile", read_compile_step),
+}
 
 
 def main() -> None:

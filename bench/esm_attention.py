@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from common import (autocast, base_parser, child_main, clock_for, finish, fmt_mib, fmt_ms, fmt_ratio,
-                    interleaved, load_average, parse_lengths, peak_memory, pick_device, ratio_summary,
-                    resident_bytes, run_child, set_threads, summary, run_conf)
+from common import (autocast, base_parser, child_main, clock_for, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved,
+                    load_average, mib_text, parse_lengths, peak_memory, pick_device, ratio_summary, resident_bytes,
+                    run_child, run_conf, set_threads, summary)
 from esmfold_peft.runtime.cli import run_main
 from esmfold_peft.runtime.errors import UserError
 
@@ -278,6 +278,67 @@ def _main(argv=None) -> int:
                        "cell_timeout_s": args.cell_timeout, "clock": clock_for(device)},
             "results": results, "tables": tables(results, device, conf, limit)})
     return 0
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_esm_attention(d: dict) -> tuple[list, str]:
+    targets, parts, missing = [], [], []
+    for r in d["results"]:
+        label = r["shape"] + ("" if r["layers"] == r["layers_full"] else f" at {r['layers']}/{r['layers_full']} layers")
+        both = {L: m for L, m in r["lengths"].items() if m.get("ratios")}
+        for L, m in r["lengths"].items():
+            if not m.get("ratios"):
+                gone = [n for n, v in m.get("variants", {}).items() if v["status"] != "ok"]
+                missing.append(f"{label}, L={L}: " + (", ".join(gone) + " out of memory" if gone
+                                                     else m["status"].replace("_", " ")))
+        if not both:
+            continue
+        longest = list(both)[-1]
+        q = both[longest]["ratios"]["sdpa/original transient memory"]
+        targets.append([f"SDPA/original activation memory, {label}, L={longest}", "< 1",
+                        "–" if q is None else f"{q:.3f}", "met" if q is not None and q < 1 else "missed"])
+        parts.append(f"{label}: " + ", ".join(
+            f"L={L} time {fmt_ratio(m['ratios']['sdpa/original time'])}, activations "
+            + ("–" if m["ratios"]["sdpa/original transient memory"] is None
+               else f"{m['ratios']['sdpa/original transient memory']:.2f}") for L, m in both.items()))
+    diffs = [m["max_abs_diff_final_representation"] for r in d["results"] for m in r["lengths"].values()
+             if m.get("ratios")]
+    per_layer = []  # the same shape and length at two depths: the difference is (layers apart) × one layer
+    for lo in d["results"]:
+        for hi in d["results"]:
+            if lo["shape"] != hi["shape"] or lo["layers"] >= hi["layers"]:
+                continue
+            for L in set(lo["lengths"]) & set(hi["lengths"]):
+                a, b = lo["lengths"][L], hi["lengths"][L]
+                if not (a.get("ratios") and b.get("ratios")):
+                    continue
+                n = hi["layers"] - lo["layers"]
+                act = {v: (b["variants"][v]["transient_bytes"] - a["variants"][v]["transient_bytes"]) / n
+                       for v in ("original", "sdpa")}
+                sec = {v: (b["variants"][v]["seconds_per_step"]["median"]
+                           - a["variants"][v]["seconds_per_step"]["median"]) / n for v in ("original", "sdpa")}
+                if act["original"] > 0 and sec["original"] > 0:
+                    per_layer.append(
+                        f"{lo['shape']} at L={L}, from its {lo['layers']}- and {hi['layers']}-layer rows: activations "
+                        f"{mib_text(act['original'])} → {mib_text(act['sdpa'])} ({act['sdpa'] / act['original']:.2f}), time "
+                        f"{sec['original'] * 1e3:.0f} → {sec['sdpa'] * 1e3:.0f} ms ({sec['sdpa'] / sec['original']:.2f}; "
+                        "medians of separate runs)")
+    return targets, (
+        "fair-esm's attention keeps, in every layer, the scores and probabilities ((heads·L)×L each) for backward; "
+        "SDPA keeps O(L) per head. The activations saved therefore grow with L², and SDPA/original falls with "
+        "length (the rest of a layer's activations grow with L only). SDPA/original: " + ("; ".join(parts) or "–")
+        + "." + (f" Per layer (difference of two depths ÷ the layers between them): {'; '.join(per_layer)}; a run "
+                 "with fewer layers than the model also counts, in both variants, a part that does not grow with "
+                 "depth, so its ratios understate the per-layer saving." if per_layer else "")
+        + (f" Not measured: {'; '.join(missing)}." if missing else "")
+        + (f" Both variants compute the same function (largest difference in the final representations "
+           f"{max(diffs):.1e})." if diffs else ""))
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "esm_attention": ("5. Long sequences: ESM-2 attention through SDPA", read_esm_attention),
+}
 
 
 def main(argv=None) -> int:

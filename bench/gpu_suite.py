@@ -53,7 +53,8 @@ from pathlib import Path
 import torch
 
 from common import (ROOT, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, fmt_s, interleaved, load_average,
-                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, synchronize)
+                    peak_memory, pick_device, ratio_summary, resident_bytes, set_threads, summary, synchronize,
+                    verdict_at_most)
 from esmfold_peft.adapters import is_adapter_param
 
 SECTIONS = ("fold", "lm", "predict", "ddp", "compile")
@@ -660,6 +661,40 @@ def tables(r) -> list:
 
         out += compile_step.tables(r["compile"], prefix="GPU suite (e): torch.compile")
     return out
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_gpu_suite(d: dict) -> tuple[list, str]:
+    targets, parts = [], []
+    if "lm" in d:
+        for r in d["lm"]["results"]:
+            for rank in (1, 8):
+                q = r["ratios"][f"LoRTA/LoRA r={rank} time"]
+                targets.append([f"GPU LoRTA/LoRA step time, r={rank}, {r['shape']} (all {r['layers']} layers)", "≤ 1",
+                                fmt_ratio(q), verdict_at_most(q)])
+    if "fold" in d:
+        f = d["fold"]
+        parts.append("Folding step (crop " + str(f["config"]["crop"]) + "): " + ", ".join(
+            f"{v} {x['seconds_per_step']['median']:.3f} s" + (f" (MFU {x['mfu']:.1%})" if x["mfu"] is not None else "")
+            for v, x in f["variants"].items()) + ".")
+    if "predict" in d:
+        p = d["predict"]
+        parts.append("Prediction against fair-esm's ESMFold.infer (" + p["shape"] + "): " + ", ".join(
+            f"L={L} ours {fmt_ratio(x['variants']['ours']['vs_fair_esm'])}, bf16 LM "
+            f"{fmt_ratio(x['variants']['ours, bf16 LM']['vs_fair_esm'])} of its time" for L, x in p["lengths"].items()) + ".")
+    if "ddp" in d and "skipped" not in d["ddp"]:
+        x = d["ddp"]
+        parts.append(f"DDP ({x['backend']}, {x['world_size']} processes): {x['seconds_per_step']:.3f} s/step, "
+                     f"parameter spread {x['max_parameter_spread_across_processes']:.1e}.")
+    elif "ddp" in d:
+        parts.append(f"DDP: skipped ({d['ddp']['skipped']}).")
+    return targets, " ".join(parts)
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "gpu_suite": ("7. GPU suite", read_gpu_suite),
+}
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import time
 import torch
 
 from adapter_step import SHAPES, SMOKE_SHAPES, build_lm, random_tokens, shape_dims
-from common import (autocast, base_parser, finish, fmt_ms, fmt_ratio, interleaved, load_average, pick_device,
-                    ratio_summary, set_threads, summary, SMOKE_RUNS, run_conf)
+from common import (SMOKE_RUNS, autocast, base_parser, finish, fmt_ms, fmt_ratio, interleaved, load_average,
+                    pick_device, ratio_summary, run_conf, set_threads, summary)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set
 
 BASE = "base"
@@ -90,6 +90,30 @@ def tables(results, conf) -> list:
              "notes": [f"{conf['repeats']} interleaved rounds; a round's value is the best of {conf.get('best_of', 1)} "
                        f"measurement(s) of {conf['steps']} forward(s); {conf['warmup']} warm-up; no gradient, eval "
                        "mode. Target: merged / base within 1.00 ± 0.02."]}]
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_merged(d: dict) -> tuple[list, str]:
+    res = d["results"]
+    merged = {r["shape"]: r["variants"]["LoRTA r=8 merged"]["vs_base"] for r in res}
+    worst = max(abs(s["median"] - 1) for s in merged.values())
+    targets = [[f"merged / base forward time, {s} shape", "1.00 ± 0.02", fmt_ratio(q),
+                "met" if abs(q["median"] - 1) <= 0.02 else "missed"] for s, q in merged.items()]
+    unm = "; ".join(f"{r['shape']} LoRTA {r['variants']['LoRTA r=8 unmerged']['vs_base']['median']:.3f}, "
+                    f"LoRA {r['variants']['LoRA r=8 unmerged']['vs_base']['median']:.3f}" for r in res)
+    return targets, (
+        "Merging folds ΔW into the weights and removes the hooks, so the merged model runs the base model's code "
+        f"on weights of the same shapes: merged/base stays within {worst:.3f} of 1 (medians). The outputs confirm "
+        "it is a real merge (the final representations move: max abs(merged − base) > 0) of the same function "
+        "(max abs(merged − unmerged) is float rounding). Unmerged, every projection also pays the adapter's thin "
+        "products and the addition of Δy, "
+        f"passes over N×d activations that weigh more at small width: {unm}.")
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "merged_inference": ("2. Merged inference", read_merged),
+}
 
 
 def main() -> None:

@@ -40,8 +40,9 @@ import warnings
 
 import torch
 
-from common import (autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
-                    pick_device, ratio_summary, resident_bytes, set_threads, run_conf)
+from common import (MiB, autocast, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, load_average, measure_variants,
+                    mib_text, pick_device, ratio_summary, resident_bytes, run_conf, set_threads, span, verdict_at_most,
+                    verdict_near, worst_verdict)
 from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, detect_layout, get_adapter_set, is_adapter_param
 from esmfold_peft.adapters.layouts import FAMILIES, MATRICES
 from esmfold_peft.runtime.cli import run_main
@@ -398,6 +399,85 @@ def _main(argv=None) -> int:
            {"config": conf, "peft": peft_version, "transformers": transformers.__version__,
             "ranks": list(RANKS), "results": results, "tables": tables(results, device, conf, peft_version)})
     return 0
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_nlp_adapter_step(d: dict) -> tuple[list, str]:
+    res, ranks = d["results"], d["ranks"]
+    adapted = [v for r in res for n, v in r["variants"].items() if n != "floor"]
+    lines = [
+        "*Time.* An adapted step adds the backward pass through the frozen model (input gradients) and the "
+        "adapter's thin products to the floor's forward pass, so every adapted variant costs "
+        f"{span([v['vs_floor']['median'] for v in adapted])}× the floor ("
+        + "; ".join(f"{r['shape']} {r['layers']}/{r['layers_full']} layers at {r['batch']}×{r['length']} tokens, "
+                    f"{r['attention']} attention" for r in res) + ")."]
+    if not d.get("peft"):
+        lines.append("PEFT was not run (--no-peft), so this run has no comparison.")
+        return [], "\n\n".join(lines)
+    targets = []
+    for method, aim, verdict in (("LoRTA", "≤ 1", verdict_at_most), ("LoRA", "≈ 1 (within 0.05)", verdict_near)):
+        for r in res:
+            qs = [r["ratios"][f"ours {method}/PEFT LoRA r={k} time"] for k in ranks]
+            targets.append([f"ours {method} / PEFT LoRA step time, {r['shape']}", aim,
+                            "; ".join(f"r={k} {fmt_ratio(q)}" for k, q in zip(ranks, qs)), worst_verdict([verdict(q) for q in qs])])
+
+    def ratios(method, what):
+        return [r["ratios"][f"ours {method}/PEFT LoRA r={k} {what}"] for r in res for k in ranks]
+
+    times = ratios("LoRA", "time") + ratios("LoRTA", "time")
+    near = all(abs(q["median"] - 1) <= 0.1 for q in times)
+    lines.append(
+        "Ours against PEFT at equal rank, step time (medians of per-round ratios over the shapes and ranks): "
+        f"LoRA {span([q['median'] for q in ratios('LoRA', 'time')], 3)}, "
+        f"LoRTA {span([q['median'] for q in ratios('LoRTA', 'time')], 3)}; single rounds range from "
+        f"{min(q['min'] for q in times):.3f} to {max(q['max'] for q in times):.3f}"
+        + (", so this run cannot tell apart differences of a few percent" if near else "")
+        + f"; {sum(q['min'] <= 1 <= q['max'] for q in times)} of the {len(times)} cells have rounds on both sides "
+        "of 1. Both LoRAs run the same two thin products per projection, x Aᵀ and a product with Bᵀ, beside the "
+        "frozen model's products: ours adds Δy in a forward hook on the frozen Linear; PEFT's wrapper module calls the Linear and two adapter Linears and multiplies the N×out product "
+        "by alpha/r (at scale 1 too). LoRTA runs fewer thin products per layer than LoRA (x A is shared by q, k "
+        "and v) plus a few tiny ops that form its per-call factors (section 1b).")
+    mem = {m: [q for q in ratios(m, "memory above floor") if q is not None] for m in ("LoRA", "LoRTA")}
+    big = max(res, key=lambda r: r["variants"]["floor"]["peak_bytes"])
+    above = [v["above_floor_bytes"] for n, v in big["variants"].items() if n != "floor"]
+    top = max(ranks)
+    bv = big["variants"]
+    lora_extra = bv[f"ours LoRA r={top}"]["above_floor_bytes"] - bv[f"PEFT LoRA r={top}"]["above_floor_bytes"]
+    kv = big["kv_heads"] * big["d_model"] // big["heads"]
+    b_bytes = top * (2 * big["d_model"] + 2 * kv) * big["layers"] * 4  # Bᵀ of q, k, v, o in float32
+    lorta_less = bv[f"PEFT LoRA r={top}"]["above_floor_bytes"] - bv[f"ours LoRTA r={top}"]["above_floor_bytes"]
+    lines.append(
+        "*Memory.* Above the floor every variant keeps what backward needs, the activations of every layer "
+        f"({span([a / MiB for a in above], 1)} MiB on {big['shape']}), plus its own parameters, gradients and "
+        f"Adam state. Ours / PEFT memory above the floor: LoRA {span(mem['LoRA'], 3)}, LoRTA "
+        f"{span(mem['LoRTA'], 3)} over the shapes and ranks. On {big['shape']} at r={top} our LoRA keeps "
+        + ("exactly what PEFT's keeps: both scale the thin N×r product and keep no scaled copy of Bᵀ"
+           if lora_extra == 0 else f"{mib_text(lora_extra)} more than PEFT's")
+        + (f", the size of the scaled copies of Bᵀ ({mib_text(b_bytes)}) that the LoRA of this run's code (commit "
+           f"{d['machine']['commit']}) kept for backward; lora.py has since scaled the thin N×r product instead, as "
+           "PEFT scales its product, which keeps no copy (`make bench-nlp` measures it again)"
+           if lora_extra and abs(lora_extra - b_bytes) <= 0.1 * b_bytes else "")
+        + ". Our LoRTA keeps "
+        f"{mib_text(lorta_less)} less than PEFT's LoRA: {bv[f'ours LoRTA r={top}']['trainable_parameters']:,} "
+        f"parameters against {bv[f'PEFT LoRA r={top}']['trainable_parameters']:,}, each with a gradient and two "
+        "Adam moments.")
+    worst = max(res, key=lambda r: r["parity"]["max_abs_diff_ours_vs_peft"])
+    p = worst["parity"]
+    moved = span([r["parity"]["max_abs_change_from_frozen"] for r in res], 1)
+    lines.append(
+        "*Parity.* With the same factor values our LoRA and PEFT's compute the same function: "
+        + ("their last hidden states are identical on every shape" if p["max_abs_diff_ours_vs_peft"] == 0 else
+           f"the largest difference of the last hidden states is {p['max_abs_diff_ours_vs_peft']:.1e} "
+           f"({worst['shape']})")
+        + f", while the adapter moves them by up to {moved} from the frozen model's. "
+        f"peft {d['peft']}, transformers {d['transformers']}.")
+    return targets, "\n\n".join(lines)
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "nlp_adapter_step": ("8. NLP adapters against Hugging Face PEFT", read_nlp_adapter_step),
+}
 
 
 def main(argv=None) -> int:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import (MiB, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average, peak_memory,
-                    pick_device, ratio_summary, resident_bytes, set_threads, summary, run_conf)
+from common import (MiB, base_parser, finish, fmt_mib, fmt_ms, fmt_ratio, interleaved, load_average, mib_text,
+                    peak_memory, pick_device, ratio_summary, resident_bytes, run_conf, set_threads, summary)
 from nlp_adapter_step import SMOLLM2, TINY, build_model, hf_config
 from esmfold_peft.adapters import add_adapter, get_adapter_set
 from esmfold_peft.runtime.cli import run_main
@@ -252,6 +252,44 @@ def tables(d: dict, conf: dict) -> list:
           "notes": ["Log-probabilities summed over the response tokens of every row, after the adapter's factors "
                     "were moved off their initial values."]}
     return [t1, t2]
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_nlp_dpo_reference(d: dict) -> tuple[list, str]:
+    v, m, c = d["variants"], d["memory"], d["checks"]
+    dis, cp, ca = v["adapter disabled"], v["deep copy"], v["cached"]
+    saved = cp["peak_bytes"] - dis["peak_bytes"]
+    exact = c["disabled_adapter_equals_frozen"]
+    targets = [
+        ["DPO reference with the adapter disabled = the frozen model's log-probabilities", "exact",
+         f"max abs difference {c['max_abs_disabled_minus_frozen']:.1e}", "met" if exact else "missed"],
+        ["DPO step peak memory, adapter disabled / deep copy", "< 1",
+         f"{dis['peak_bytes'] / cp['peak_bytes']:.3f} ({mib_text(saved)} less)",
+         "met" if dis["peak_bytes"] < cp["peak_bytes"] else "missed"]]
+    text = (
+        f"A separate reference model holds a second set of weights: {mib_text(m['base_weight_bytes'])} of tensors here "
+        f"({d['model']}); the deep copy raised the process's resident set size by "
+        f"{mib_text(m['deep_copy_rss_bytes'])}. The "
+        f"disabled-adapter reference needs none of it: one DPO step's peak is {mib_text(dis['peak_bytes'])} against "
+        f"{mib_text(cp['peak_bytes'])} with a copy, and its log-probabilities are "
+        + ("exactly the frozen model's (torch.equal" if exact else "not the frozen model's (")
+        + f", after the adapter moved the policy's by up to {c['max_abs_policy_minus_frozen']:.2f}), because a "
+        "disabled hook returns before computing anything. Its step time is "
+        f"{fmt_ratio(dis['vs_deep_copy'])} of the copy's: the same forward pass through the same weights. Caching the "
+        "reference log-probabilities before training (the harness's default) takes that forward out of every "
+        f"step: {fmt_ratio(ca['vs_deep_copy'])} of the copy's step time, for {m['cache_bytes_per_pair']} bytes per pair; a "
+        f"reference forward alone costs {fmt_ratio(v['reference forward alone']['vs_deep_copy'])} of a step with the copy. "
+        + (f"Caching leaves the peak where it was ({mib_text(ca['peak_bytes'])}): the reference forward runs without "
+           "gradient and frees its activations before the policy's forward begins."
+           if abs(ca["peak_bytes"] - dis["peak_bytes"]) <= 0.01 * dis["peak_bytes"] else
+           f"With caching the peak is {mib_text(ca['peak_bytes'])}."))
+    return targets, text
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "nlp_dpo_reference": ("9. DPO reference: the adapter disabled against a copy", read_nlp_dpo_reference),
+}
 
 
 def main(argv=None) -> int:

@@ -361,6 +361,103 @@ def _main(argv=None) -> int:
     return 0
 
 
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_predict_memory(d: dict) -> tuple[list, str]:
+    t = d["target"]
+    cells = d["cells"]
+    by = {(c["length"], c["variant"]): c for c in cells}
+    limit = f"{t['limit_gib']:g} GiB" if t["limit_gib"] else "the device's memory"
+    targets = []
+    fitting = [v for v, x in t["variants"].items() if x["fits"]]
+    best = min((x for x in t["variants"].values() if x["fits"]), key=lambda x: x["peak_rss_bytes"], default=None)
+    targets.append([f"{t['length']} residues within {limit}, some saving", "fits",
+                    f"{', '.join(fitting) or 'none fits'}"
+                    + (f" (peak RSS {best['peak_rss_bytes'] / 2 ** 30:.2f} GiB)" if best else ""),
+                    "met" if fitting else "missed"])
+    failed = [f"{c['variant']} at {c['length']} ({c['status'].replace('_', ' ')}"
+              + (f" in the {c['failed_in_phase']}" if c.get("failed_in_phase") else "") + ")"
+              for c in cells if c["status"] != "ok"]
+    parts = []
+    for (length, v), c in sorted(by.items()):
+        if c["status"] == "ok" and v != "none" and (length, "none") in by and by[(length, "none")]["status"] == "ok":
+            parts.append(f"{v} at {length}: {c['peak_tensor_bytes'] / by[(length, 'none')]['peak_tensor_bytes']:.2f}")
+    k = d["config"]["blocks_run"] or d["model"]["trunk_blocks"]
+    depth = ("" if k == d["model"]["trunk_blocks"] else
+             f" Each cell kept all {d['model']['trunk_blocks']} trunk blocks in memory but ran {k} (the peak is reached "
+             "inside any one block; the full-depth time is an estimate).")
+    return targets, (
+        "Inference keeps no activations for backward, so the peak is the largest transient of one step: in the "
+        "trunk, triangular attention's heads·L³ scores (16 GiB in float32 at 1,024 residues), which chunking "
+        "splits into pieces of 64 rows; the LM's savings (SDPA, bf16 storage) act on the language model only, "
+        "a small part of the peak with a 35M LM. Peak tensor bytes against none: " + (", ".join(parts) or "–")
+        + ". " + (("Did not fit: " + "; ".join(failed) + ".") if failed else "Every cell fit.") + depth)
+
+
+def read_predict_memory_full_depth(d: dict, siblings: dict) -> tuple[list, str]:
+    """Section 6b: predict_memory.py with every trunk block run (`--blocks-run 0`) against section 6's
+    estimate from one block. Shows its own comparison table in place of the run's tables (which repeat
+    section 6's layout); renders whatever cells the run has."""
+    one = siblings.get("predict_memory")  # the same machine's section 6 run
+    est = {(c["length"], c["variant"]): c for c in (one["cells"] if one else ()) if c["status"] == "ok"}
+    one_k = one and (one["config"]["blocks_run"] or one["model"]["trunk_blocks"])
+    gib = 2 ** 30
+    rows, ratios, peaks, spreads = [], [], [], []
+    for c in d["cells"]:
+        e = est.get((c["length"], c["variant"]))
+        if c["status"] != "ok":
+            rows.append([c["length"], c["variant"], c["status"].replace("_", " ")] + ["–"] * 6)
+            continue
+        b = c.get("block_seconds") or []
+        full = c["seconds"]
+        r = full / e["seconds_full_depth_estimate"] if e else None
+        pk = c["peak_tensor_bytes"] / e["peak_tensor_bytes"] if e else None
+        if r is not None:
+            ratios.append(f"{r:.2f} at {c['length']}")
+            peaks.append(pk)
+        if b:
+            spreads.append(f"{min(b):.1f}–{max(b):.1f} s at {c['length']}")
+        rows.append([c["length"], c["variant"], f"{full:.0f}",
+                     f"{min(b):.1f}–{max(b):.1f}" if b else "–",
+                     f"{e['seconds_full_depth_estimate']:.0f}" if e else "–",
+                     "–" if r is None else f"{r:.2f}",
+                     f"{c['peak_tensor_bytes'] / gib:.2f}" + (f" / {e['peak_tensor_bytes'] / gib:.2f}" if e else ""),
+                     f"{c['peak_rss_bytes'] / gib:.2f}" + (f" / {e['peak_rss_bytes'] / gib:.2f}" if e else ""),
+                     "–" if pk is None else f"{pk:.3f}"])
+    blocks = d["model"]["trunk_blocks"]
+    clock = "process CPU seconds (one thread)" if d.get("clock") == "cpu" else "wall seconds"
+    d["tables"] = [{  # in place of the run's own tables
+        "title": f"Prediction at full depth: all {blocks} trunk blocks run, against section 6's estimate "
+                 f"({one_k or '–'} block(s) run)",
+        "columns": ["length", "savings", f"s, {blocks} blocks measured", "s per block, min–max", f"s, {blocks} blocks, section 6 est.",
+                    "measured / estimate", "peak tensor GiB, full / sec. 6", "peak RSS GiB, full / sec. 6",
+                    "peak tensor full / sec. 6"],
+        "rows": rows or [["–"] * 9],
+        "notes": [f"One prediction per cell in a fresh process, as section 6 ({d['config']['recycles']} recycles, "
+                  f"{d['config']['memory_limit_gib']:g} GiB address-space limit); seconds: {clock}, one call each, "
+                  "with the memory tracker's per-op cost. Section 6's estimate = its measured call with "
+                  f"{one_k or '–'} block(s) + the remaining blocks × the run block's time, from a different run "
+                  "(another process, at another time on the shared machine)."]}]
+    if not d["cells"] or one is None:
+        return [], ("All trunk blocks run." + ("" if one else " No section 6 run on this machine to compare with."))
+    text = (f"Section 6 runs {one_k} of the {blocks} trunk blocks and reports the full-depth time as an estimate; "
+            f"here all {blocks} run. Measured / estimate: {', '.join(ratios) or '–'}.")
+    if spreads:
+        text += (f" The estimate assumes every block costs what the first does (the same shapes in each); the "
+                 f"blocks' own times span {'; '.join(spreads)}.")
+    if peaks:
+        span = f"{min(peaks):.3f}" + ("" if f"{min(peaks):.3f}" == f"{max(peaks):.3f}" else f"–{max(peaks):.3f}")
+        text += (f" Peak tensor bytes full depth / section 6: {span} (each block frees "
+                 "the previous one's activations, so the peak is reached inside one block).")
+    return [], text
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "predict_memory": ("6. Long sequences: prediction memory", read_predict_memory),
+    "predict_memory_full_depth": ("6b. Prediction at full depth", read_predict_memory_full_depth),
+}
+
+
 def main(argv=None) -> int:
     return run_main(_main, argv)
 

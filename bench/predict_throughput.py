@@ -21,9 +21,8 @@ import warnings
 
 import torch
 
-from common import (ROOT, autocast, base_parser, finish, fmt_mib, fmt_s, interleaved, load_average,
-                    merge_random_adapter, peak_memory, pick_device, resident_bytes, set_threads, summary,
-                    SMOKE_RUNS, run_conf)
+from common import (ROOT, SMOKE_RUNS, autocast, base_parser, finish, fmt_mib, fmt_s, interleaved, load_average,
+                    merge_random_adapter, peak_memory, pick_device, resident_bytes, run_conf, set_threads, summary)
 
 DEFAULTS = {"cpu": dict(config="demo", lengths=(64, 128, 256), repeats=5, steps=1, warmup=1),
             "cuda": dict(config="paper_d4", lengths=(64, 128, 256), repeats=5, steps=3, warmup=2)}
@@ -82,6 +81,27 @@ def tables(r) -> list:
              "notes": [f"{r['config']['repeats']} interleaved rounds of {r['config']['steps']} prediction(s) per "
                        f"length after {r['config']['warmup']} warm-up; batch 1, random sequences; residues/s = "
                        "length / seconds per prediction."]}]
+
+
+# --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
+
+def read_predict(d: dict) -> tuple[list, str]:
+    ls = d["config"]["lengths"]
+    rps = {L: d["lengths"][str(L)]["residues_per_second"]["median"] for L in ls}
+    sec = {L: d["lengths"][str(L)]["seconds_per_prediction"]["median"] for L in ls}
+    rec = d["config"]["recycles"]
+    lo, hi = ls[0], ls[-1]
+    return [], (
+        "Per prediction the LM and the sequence track grow with L (their attention with L²), the pair track with "
+        "L² and the triangular updates with L³, so the cost per residue grows with length; residues per second: "
+        + ", ".join(f"{rps[L]:.1f} at {L}" for L in ls)
+        + f" ({sec[hi] / sec[lo]:.1f}× the time for {hi / lo:.0f}× the residues from {lo} to {hi}). "
+        f"With {rec} recycle(s) the trunk runs {rec + 1} times per prediction and the LM once.")
+
+
+REPORT = {  # the JSON this script writes -> (its section of BENCHMARKS.md, the reading of its numbers)
+    "predict_throughput": ("4. Prediction throughput", read_predict),
+}
 
 
 def main() -> None:

@@ -1,6 +1,19 @@
 """Shared test data: a real 8-residue fragment as PDB lines, and a writer for the same atoms as mmCIF."""
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module; bench/ stays on sys.path (its scripts import each other by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    return importlib.import_module(name)
 
 # 1AHS chain A, residues 156-163 (NIAEVCMD), from the TS50 set shipped in mdanalysistests
 # (element column filled in).

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import background
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -45,11 +46,7 @@ def smoke():
 
 @pytest.fixture(scope="module")
 def step_module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import nlp_adapter_step
-    finally:
-        sys.path.remove(str(BENCH))
+    nlp_adapter_step = bench_module("nlp_adapter_step")
     return nlp_adapter_step
 
 
@@ -98,11 +95,8 @@ def test_report_renders_the_nlp_sections(smoke, tmp_path):
     folder.mkdir()
     (folder / "nlp_adapter_step.json").write_text(json.dumps(step))
     (folder / "nlp_dpo_reference.json").write_text(json.dumps(dpo))
-    sys.path.insert(0, str(BENCH))
-    try:
-        from report import load_runs, render
-    finally:
-        sys.path.remove(str(BENCH))
+    report = bench_module("report")
+    load_runs, render = report.load_runs, report.render
     text = render(load_runs(tmp_path, include_smoke=True))
     assert "### 8. NLP adapters against Hugging Face PEFT" in text
     assert "### 9. DPO reference: the adapter disabled against a copy" in text

@@ -8,12 +8,12 @@ timings mean nothing. Everything runs once, in the background from the start of 
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 import background
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -89,12 +89,7 @@ def test_esm_attention_runs_each_cell_in_its_own_limited_process(smoke_runs):
 
 
 def test_esm_attention_records_a_variant_out_of_memory_and_measures_the_other(monkeypatch):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import esm_attention
-        from report import read_esm_attention
-    finally:
-        sys.path.remove(str(BENCH))
+    esm_attention = bench_module("esm_attention")
     make_steps = esm_attention.make_steps
 
     def original_runs_out(*args, **kwargs):
@@ -115,17 +110,14 @@ def test_esm_attention_records_a_variant_out_of_memory_and_measures_the_other(mo
                   lengths={"16": cell})
     (table,) = esm_attention.tables([result], esm_attention.torch.device("cpu"), spec["conf"], 4.0)
     assert table["rows"][0][3] == "out of memory (> 4 GiB)" and table["rows"][0][4] != "–"
-    targets, reading = read_esm_attention({"results": [result]})
+    targets, reading = esm_attention.read_esm_attention({"results": [result]})  # its section of BENCHMARKS.md
     assert targets == [] and "tiny, L=16: original out of memory" in reading
 
 
 def test_report_renders_every_section(smoke_runs):
     folder, _, _ = smoke_runs
-    sys.path.insert(0, str(BENCH))
-    try:
-        from report import load_runs, render
-    finally:
-        sys.path.remove(str(BENCH))
+    report = bench_module("report")
+    load_runs, render = report.load_runs, report.render
     runs = load_runs(folder.parent, include_smoke=True)
     text = render(runs)
     for title in ("1. Adapter step cost", "1b. The adapters alone", "2. Merged inference", "3. Folding step",
@@ -155,11 +147,8 @@ def test_esm_attention_compares_the_same_function(smoke_runs):
 def test_run_settings_come_from_the_device_defaults_the_smoke_set_and_the_flags():
     from argparse import Namespace
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import SMOKE_RUNS, run_conf
-    finally:
-        sys.path.remove(str(BENCH))
+    common = bench_module("common")
+    SMOKE_RUNS, run_conf = common.SMOKE_RUNS, common.run_conf
     defaults = dict(repeats=5, steps=2, warmup=1, crop=64)
     assert run_conf(Namespace(smoke=False, repeats=0, steps=0), defaults) == defaults  # 0: keep
     assert run_conf(Namespace(smoke=False, repeats=7, crop=32), defaults) == dict(defaults, repeats=7, crop=32)
