@@ -180,7 +180,9 @@ def read_fold(d: dict) -> tuple[list, str]:
     fro = v["none"]
     extra = v["full"]["trainable_parameters"] - fro["trainable_parameters"]
     ckpt = ", recomputed during backward (block checkpointing)," if d["model"].get("checkpoint_blocks") else ""
-    return [], (
+    product = ("Each step is the package's own training step (`esmfold_peft.fold.train.fold_step`, what every "
+               "training run calls), divergence rule included. " if "fold_step" in d["tables"][0]["notes"][0] else "")
+    return [], product + (
         f"Bound by the trunk: {d['model']['trunk_blocks']} block(s) with a {d['model']['c_s']}-wide sequence track "
         f"and a {d['model']['c_z']}-wide pair track{ckpt} against the language model {d['model']['lm']}, "
         f"{d['parameters']['language_model']:,} parameters. An adapted LM adds the backward pass through the LM "
