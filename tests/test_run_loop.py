@@ -254,3 +254,40 @@ def test_step_lines_reach_the_log_and_a_non_terminal_gets_no_bar(tmp_path, capsy
     assert "s/step" in lines[4] and "ETA" not in lines[4]
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s" not in err  # no tqdm redraws
+
+
+def test_wandb_runs_offline_resumes_its_own_run_and_logs_every_record(tmp_path, monkeypatch):
+    """The calls the W&B logger makes, recorded by a stand-in module (the real package is not a dependency):
+    offline mode under RUN/wandb, one run id kept across sessions, every metrics record at its step."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # what an installed package has
+    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = RunDir(tmp_path / "run")
+    assert run_training(ToyTask(steps=4, loggers="wandb"), run.path, progress=False) == EXIT_OK
+    assert run_training(ToyTask(steps=6, loggers="wandb"), run.path, resume=True, progress=False) == EXIT_OK
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and {i["id"] for i in inits} == {"abc123"}
+    assert all(i["mode"] == "offline" and i["resume"] == "allow" and i["dir"] == str(run.path) for i in inits)
+    logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
+    assert [step for step, _ in logged if "train/loss" in _] == [1, 2, 3, 4, 5, 6]
+    assert {step for step, data in logged if "val/score" in data} == {0, 2, 4, 6}
+    assert calls.count(("finish",)) == 2
