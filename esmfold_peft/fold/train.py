@@ -227,8 +227,7 @@ class FoldTask(TrainingTask):
         self.init_from = None  # a fine-tuning run's record of its pretrained file (SHA-256)
 
     def schedule(self) -> Schedule:
-        t = self.cfg.train
-        return Schedule(t.steps, t.log_every, t.val_every, t.ckpt_every, t.get("keep", "best"), t.get("loggers", ""))
+        return Schedule.of(self.cfg.train, self.cfg.train.val_every)
 
     def description(self) -> str:
         return f"train {self.cfg.adapter.method}"

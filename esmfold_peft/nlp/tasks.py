@@ -97,8 +97,7 @@ class Task(TrainingTask):
         return self.primary
 
     def schedule(self) -> Schedule:
-        t = self.cfg.train
-        return Schedule(t.steps, t.log_every, t.eval_every, t.ckpt_every, t.get("keep", "best"), t.get("loggers", ""))
+        return Schedule.of(self.cfg.train, self.cfg.train.eval_every)
 
     def description(self) -> str:
         return f"{self.cfg.task} {self.cfg.adapter.method}"

@@ -63,6 +63,12 @@ class Schedule:
     keep: str = "best"
     loggers: str = ""
 
+    @classmethod
+    def of(cls, train, val_every: int) -> "Schedule":
+        """A task's `cfg.train` section (its validation cadence named as the application names it)."""
+        return cls(train.steps, train.log_every, val_every, train.ckpt_every, train.get("keep", "best"),
+                   train.get("loggers", ""))
+
     def check(self) -> tuple[str, ...]:
         if self.keep not in KEEP:
             raise ConfigError(f"train.keep must be best or last, got {self.keep!r}")
