@@ -2,6 +2,7 @@
 
     RUN/config.json                  the resolved configuration
     RUN/checkpoints/last.pt          everything needed to resume exactly (written atomically)
+    RUN/checkpoints/best.pt          the checkpoint of the best validation (a copy of a last.pt)
     RUN/model/fold_model.safetensors trunk + heads (+ the LM when it was fully trained)
     RUN/model/init_from.json         fine-tuning runs: SHA-256 of the pretrained ESMFold file
     RUN/adapter/                     the adapter in the core's format (lorta / lora runs)
@@ -52,7 +53,7 @@ def trained_state(model, pretrained_base: bool = False) -> dict:
     """Tensors training can change: everything outside the LM, plus the LM's trainable ones and adapters.
 
     With a `pretrained_base` (the run started from `model.init_from`), only the trainable tensors
-    and the adapters: the rest is rebuilt from that file (`load_pretrained_base`).
+    and the adapters: the rest is rebuilt from that file (`restore_pretrained`).
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
