@@ -133,7 +133,7 @@ def _main(argv=None) -> int:
     out = args.out or default_out(cfg)
     from esmfold_peft.fold.train import train
 
-    status = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    status = train(cfg, out, resume=args.resume, progress=not args.no_progress, resolved=True)
     print(f"run directory: {out}")
     print(NEXT_STEP[status].format(out=out))
     return status

@@ -216,3 +216,24 @@ def test_user_errors_cross_process_boundaries_intact():
         assert type(back) is type(exc) and str(back) == str(exc)
         assert getattr(back, "path", None) == getattr(exc, "path", None)
         assert getattr(back, "fault", None) == getattr(exc, "fault", None)
+
+
+def test_a_resume_reads_the_runs_config_once_and_checks_it_twice(tmp_path, monkeypatch):
+    """The command resolves the config once: one read of config.json, one check of what was read and one of
+    the result with the flags; the training loop trusts it."""
+    from esmfold_peft.fold.run import config as fold_config
+    from esmfold_peft.fold.run import resolve
+
+    train_fold = script("train_fold")
+    config = write_tiny_config_file(tmp_path, steps=1)
+    run = tmp_path / "run"
+    assert train_fold.main(["--config", str(config), "--out", str(run), "--no-progress"]) == EXIT_OK
+    reads, checks = [], []
+    real_read, real_check = RunDir.read_config, fold_config.check_config
+    monkeypatch.setattr(RunDir, "read_config", lambda self: reads.append(self.config) or real_read(self))
+    counting = lambda cfg: checks.append(1) or real_check(cfg)  # noqa: E731
+    monkeypatch.setattr(fold_config, "check_config", counting)
+    monkeypatch.setattr(resolve, "check_config", counting)
+    assert train_fold.main(["--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == EXIT_OK
+    assert reads == [run / "config.json"] and len(checks) == 2
+    assert summary(run)["steps"] == 2

@@ -275,3 +275,57 @@ def test_extending_a_run_whose_validation_worsens_keeps_the_best_model(tmp_path,
     last = read_checkpoint(run / "checkpoints" / "last.pt")
     assert all(torch.equal(v, last["model"][k]) for k, v in exported.items())
     assert "train.keep=last: the exported model is step 5's" in (run / "train.log").read_text()
+
+
+class Killed(BaseException):
+    """kill -9 as the run loop sees it: nothing after it runs (no handler catches it)."""
+
+
+def _six_steps_validated_every_two(tmp_path):
+    cfg = tiny_run_config(tmp_path, steps=6)
+    cfg.train.val_every, cfg.train.ckpt_every = 2, 3
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def straight_six_steps(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    assert train(_six_steps_validated_every_two(tmp), tmp / "run", progress=False) == EXIT_OK
+    return tmp
+
+
+@pytest.mark.parametrize("moment", ["after the step-4 validation", "between best.pt's checkpoint and its copy"])
+def test_a_killed_run_resumes_to_the_straight_run_best_model_included(straight_six_steps, monkeypatch, moment):
+    from esmfold_peft.fold import train as trainer
+    from esmfold_peft.runtime import loop
+
+    calls = {"validate": 0, "copy": 0}
+    real_validate, real_copy = trainer.validate, loop.copy_checksummed
+
+    def validate(*args, **kwargs):
+        calls["validate"] += 1
+        if moment.startswith("after") and calls["validate"] == 4:  # initial, 2, 4: killed after the third
+            raise Killed
+        return real_validate(*args, **kwargs)
+
+    def copy(*args, **kwargs):
+        calls["copy"] += 1
+        if moment.startswith("between") and calls["copy"] == 2:
+            raise Killed
+        return real_copy(*args, **kwargs)
+
+    tmp = straight_six_steps  # the same data and language model: the same run, killed and resumed
+    run = tmp / ("killed-" + moment.split()[0])
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "validate", validate)
+        m.setattr(loop, "copy_checksummed", copy)
+        with pytest.raises(Killed):
+            train(_six_steps_validated_every_two(tmp), run, progress=False)
+    assert train(_six_steps_validated_every_two(tmp), run, resume=True, progress=False) == EXIT_OK
+    for name in ("last.pt", "best.pt"):
+        a, b = (read_checkpoint(r / "checkpoints" / name) for r in (tmp / "run", run))
+        assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    s, t = summary(tmp / "run"), summary(run)
+    assert [s[k] for k in ("best_step", "best_value", "kept", "kept_step")] == \
+        [t[k] for k in ("best_step", "best_value", "kept", "kept_step")]

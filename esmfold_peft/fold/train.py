@@ -221,8 +221,9 @@ class FoldTask(TrainingTask):
     higher_is_better = True
     distributed = True
 
-    def __init__(self, cfg: mlc.ConfigDict):
+    def __init__(self, cfg: mlc.ConfigDict, checked: bool = False):
         super().__init__(cfg)
+        self.checked = checked  # cfg was checked for this run directory when it was resolved
         self.net = self.ddp = self.ema = self.data = None
         self.init_from = None  # a fine-tuning run's record of its pretrained file (SHA-256)
 
@@ -236,9 +237,9 @@ class FoldTask(TrainingTask):
         return self.net
 
     def prepare(self, run: RunDir, resume: bool) -> dict:
-        if resume:
+        if resume and not self.checked:  # (checked: resolved for this run directory by run.resolve)
             check_resumable_config(run.path, self.cfg)
-        else:
+        elif not self.checked:
             check_new_run(self.cfg)
         return stored_form(self.cfg, run.path)
 
@@ -365,20 +366,24 @@ class FoldTask(TrainingTask):
         plot_training_curves(run.path)
 
 
-def train(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True) -> int:
+def train(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True,
+          resolved: bool = False) -> int:
     """Train; return the process exit status (0 ok, 3 diverged, 130 interrupted)."""
-    return train_model(cfg, out_dir, resume=resume, progress=progress)[0]
+    return train_model(cfg, out_dir, resume=resume, progress=progress, resolved=resolved)[0]
 
 
-def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True):
+def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progress: bool = True,
+                resolved: bool = False):
     """Train; return (exit status, the trained model as this process holds it).
 
-    `cfg` is the run's resolved config (`runs.new_run_config` / `runs.resume_run_config`). A new run
-    needs a directory that holds no run (a failed start may be replaced); a resumed one continues
-    from its checkpoint, or from step 0 when it stopped before its first checkpoint. The run contract
-    (statuses, signals, divergence, the best model, loggers) is `runtime.loop`'s.
+    A new run needs a directory that holds no run (a failed start may be replaced); a resumed one
+    continues from its checkpoint, or from step 0 when it stopped before its first checkpoint. The
+    run contract (statuses, signals, divergence, the best model, loggers) is `runtime.loop`'s.
+    `cfg` is resolved (α, default paths) and checked here, for a resume against the run's stored
+    config; `resolved=True` says the caller did that already (`run.resolve.new_run_config` or
+    `resume_run_config` for this run directory, as the scripts do): the config is resolved once.
     """
-    task = FoldTask(finish(cfg))
+    task = FoldTask(cfg if resolved else finish(cfg), checked=resolved)
     status = run_training(task, out_dir, resume=resume, progress=progress)
     return status, task.model()
 
