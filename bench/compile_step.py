@@ -5,7 +5,8 @@ compiled (`esmfold_peft.fold.model.build.set_compile` / `compile_blocks`), so ev
 weights:
   fold  one paper_d4 training step as bench/fold_step.py takes it (its model and step: LoRTA r=8 on
         a random 35M-shaped ESM-2, 12 trunk blocks with c_s 1024, c_z 128 and per-block activation
-        checkpointing; forward, fold_loss, backward, clipping, Adam; batch 1, 0 recycles), crop 64 on
+        checkpointing; the package's training step, fold_step: forward, fold_loss, backward, clipping,
+        the divergence rule, Adam; batch 1, 0 recycles), crop 64 on
         CPU (float32), 256 on CUDA (bf16 autocast): model.compile none, trunk and both.
   lm    an ESM-2 35M-shaped LM (12 layers, d 480, 20 heads, SDPA attention as model.lm.sdpa; random
         weights) with LoRTA r=8: forward, backward and Adam on the factors (bench/adapter_step.py's
@@ -203,7 +204,8 @@ def compile_and_measure(steps: dict, reference: str, forward_backward, conf: dic
 # --- the parts ---------------------------------------------------------------------------------------
 
 def fold_part(conf: dict, device, bf16: bool, smoke: bool, seed: int, again: bool = True) -> dict:
-    """paper_d4's training step (bench/fold_step.py) with model.compile none, trunk and both."""
+    """paper_d4's training step (the package's fold_step, as bench/fold_step.py runs it) with model.compile none,
+    trunk and both."""
     from esmfold_peft.fold.model.build import set_compile
     from esmfold_peft.fold.model.losses import fold_loss
     from fold_step import build, fold_config, make_steps, training_batch
@@ -425,7 +427,8 @@ def read_compile_step(d: dict) -> tuple[list, str]:
                 amortise.append(f"{what} after {cold / saving:,.0f} steps"
                                 + ("" if again is None else f" ({cached / saving:,.0f} with the caches filled)"))
     clock = "CPU" if d["device"] == "cpu" else "wall"
-    text = ("Each trunk block and each LM layer is compiled on its own; recycling, the structure module, the "
+    text = ("The folding step is the package's training step (`fold_step`, what every run calls). "
+            "Each trunk block and each LM layer is compiled on its own; recycling, the structure module, the "
             "losses and the optimizer stay eager. Compiled against eager on the same weights and input ("
             f"backend {d['backend']}, compile times in {clock} seconds): " + "; ".join(parts) + ". ")
     text += (("The per-step saving repays the compile time: " + "; ".join(amortise) + ".") if amortise else
