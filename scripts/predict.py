@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Predict protein structures from a FASTA file with a trained run or a fair-esm ESMFold checkpoint.
 
-Writes one PDB per record (chains A, B, ..., each numbered from 1, per-atom pLDDT 0-100 in the
-B-factor column), its predicted aligned error (<id>.pae.npz) and a JSON summary per record (id,
-length, mean pLDDT, pTM, seconds), plus predictions.json for the whole file. Multimers are records
-with chains joined by ':' (A:B); they are folded as esm-fold folds them (a 25-residue poly-G linker,
-residue index +512 per chain), but the linker is written nowhere and pTM leaves it out.
+Writes one PDB per record (chains A, B, ..., each numbered from 1, pLDDT 0-100 in the B-factor
+column), its predicted aligned error (<id>.pae.npz) and a JSON summary per record (id, length, mean
+pLDDT, per-residue pLDDT, pTM, seconds), plus predictions.json for the whole file. Multimers are
+records with chains joined by ':' (A:B); they are folded as esm-fold folds them (a 25-residue poly-G
+linker, residue index +512 per chain), but the linker is written nowhere and pTM leaves it out; their
+JSON adds each chain's pTM and the interface pTM (ipTM).
 
 Examples:
   python scripts/predict.py --fasta seqs.fasta --run runs/demo-lorta-r8 --out predictions/
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
             "characters, exceed --max-length or repeat an earlier id are reported and skipped; the "
             "others are still predicted. A batch that runs out of memory is split and retried; predictions.json "
             "is always written for what was done."), textwrap.fill(
+            "Confidence (predictions.json's 'confidence' says which case applies): B-factors are each atom's own "
+            "pLDDT for a per-atom pLDDT head (Meta's ESMFold, --esmfold, or a run fine-tuned from it that left "
+            "the head as it was), the residue's CA pLDDT on every atom for a head trained in the run (on CA "
+            "only), and 0.00 for a head never trained (mean_plddt null). A pTM head that was never trained "
+            "(loss.tm.weight 0, no pretrained ESMFold) gives no pTM, ipTM or PAE: null in the JSON, no "
+            ".pae.npz, and a warning."), textwrap.fill(
             "Several processes (torchrun): the records are shared out by length, each process writes its "
             "records' files, and rank 0 merges one predictions.json. Put '--' before the script: torchrun's "
             "own parser would otherwise take --run for its --run-path."), textwrap.fill(exit_code_table())]),
@@ -128,8 +135,8 @@ def _report(run, processes: int) -> None:
               f"max deviation {check.max_position_deviation:.2g} Å (positions), "
               f"{check.max_plddt_deviation:.2g} (pLDDT), tolerance {check.tolerance:g}")
     by = f" by {processes} processes" if processes > 1 else ""
-    print(f"wrote {len(run.predicted)} structure(s) (.pdb + .pae.npz + .json each){by} and "
-          f"{run.summary_path.name} to {run.out_dir}")
+    files = ".pdb + .pae.npz + .json" if run.confidence is None or run.confidence.ptm else ".pdb + .json"
+    print(f"wrote {len(run.predicted)} structure(s) ({files} each){by} and {run.summary_path.name} to {run.out_dir}")
     if run.failures:
         print(f"{len(run.failures)} record(s) failed:", file=sys.stderr)
         for failure in run.failures:

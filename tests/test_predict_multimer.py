@@ -1,5 +1,6 @@
 """Prediction as esm-fold users expect it: multimers (A:B), per-atom pLDDT, PAE, --chunk-size, --esmfold, flags."""
 
+import io
 import json
 import sys
 import types
@@ -12,8 +13,8 @@ from Bio.PDB import PDBParser
 
 from esm.esmfold.v1.misc import batch_encode_sequences
 from esmfold_peft.fold.run.checkpoint import load_trained_model
-from esmfold_peft.fold.predict import (CHAIN_LINKER, encode_sequences, model_length, predict_fasta,
-                                       predict_sequences, shard_records)
+from esmfold_peft.fold.predict import (CA_ONLY, CHAIN_LINKER, PER_ATOM, encode_sequences, model_length,
+                                       predict_fasta, predict_sequences, shard_records)
 from fold_fixtures import load_script as load_script_named
 from openfold.np import residue_constants
 from openfold.utils.loss import compute_tm
@@ -73,6 +74,8 @@ def test_shards_are_balanced_and_cover_every_record_once():
 
 
 def test_multimer_pdb_chains_numbering_and_linker_free_ptm_and_pae(model, run_dir, tmp_path):
+    """The tiny run never trained its pTM head: its files hold no pTM or PAE (test_predict_confidence.py has a run
+    whose files do); the predictions in memory are checked here."""
     seq = f"{CHAIN_A}:{CHAIN_B}"
     fasta = tmp_path / "in.fasta"
     fasta.write_text(f">dimer two chains\n{CHAIN_A}:\n{CHAIN_B}\n>mono\n{CHAIN_A}\n")
@@ -109,16 +112,18 @@ def test_multimer_pdb_chains_numbering_and_linker_free_ptm_and_pae(model, run_di
     keep = weights.bool()
     sub = float(compute_tm(logits[keep][:, keep], max_bin=31, no_bins=64))
     assert pred.ptm == pytest.approx(sub, abs=1e-6)  # = the pTM of the chains alone
-    assert record["ptm"] == pytest.approx(pred.ptm, abs=1e-4)
+    assert record["ptm"] is None and record["pae"] is None  # not written: the run's pTM head never trained
+    assert not (tmp_path / "out" / "dimer.pae.npz").exists()
 
-    # PAE: L x L without the linker's rows and columns
-    npz = np.load(tmp_path / "out" / record["pae"])
+    # PAE: L x L without the linker's rows and columns, and the file's layout
     n = len(CHAIN_A) + len(CHAIN_B)
-    assert npz["pae"].shape == (n, n) and npz["chain_index"].tolist() == [0] * len(CHAIN_A) + [1] * len(CHAIN_B)
     expected = out["predicted_aligned_error"][0][keep][:, keep].numpy()
+    np.testing.assert_allclose(pred.pae, expected, atol=1e-5)
+    npz = np.load(io.BytesIO(pred.pae_npz()))
+    assert npz["pae"].shape == (n, n) and npz["chain_index"].tolist() == [0] * len(CHAIN_A) + [1] * len(CHAIN_B)
     np.testing.assert_allclose(npz["pae"].astype(np.float32), expected, atol=0.02)
-    assert float(npz["max_predicted_aligned_error"]) == pytest.approx(record["max_predicted_aligned_error"])
-    assert record["max_predicted_aligned_error"] == pytest.approx(float(out["max_predicted_aligned_error"]), abs=1e-4)
+    assert float(npz["max_predicted_aligned_error"]) == pytest.approx(float(out["max_predicted_aligned_error"]),
+                                                                      abs=1e-4)
 
     # a monomer's pTM is the model's pTM
     mono = predict_sequences(model, [CHAIN_A], CPU, num_recycles=0)[0]
@@ -128,11 +133,13 @@ def test_multimer_pdb_chains_numbering_and_linker_free_ptm_and_pae(model, run_di
     assert mono.ptm == pytest.approx(float(mono_out["ptm"][0]), abs=1e-6)
 
 
-def test_b_factors_are_the_per_atom_plddt(model, tmp_path):
+def test_b_factors_are_the_per_atom_plddt_for_a_per_atom_head(model, tmp_path):
+    """PER_ATOM, the convention of fair-esm's ESMFold (the tiny run's own head is trained on Cα: that convention,
+    and the end-to-end choice between them, are tested below and in test_predict_confidence.py)."""
     seq = "MKTAYIAKQRXWFDE:HLNVC"
     pred = predict_sequences(model, [seq], CPU, num_recycles=0)[0]
     path = tmp_path / "p.pdb"
-    path.write_text(pred.to_pdb())
+    path.write_text(pred.to_pdb(PER_ATOM))
     atoms = pdb_atoms(path)
     varying = 0
     residue_at = {}
@@ -151,6 +158,19 @@ def test_b_factors_are_the_per_atom_plddt(model, tmp_path):
     assert varying > 0
     assert len(by_residue) == len(seq) - 1  # every residue written, no linker
     assert pred.mean_plddt == pytest.approx(float(pred.atom_plddt[:, 1].mean()))  # Cα mean
+
+
+def test_b_factors_are_the_ca_plddt_for_a_ca_head_and_zero_for_an_untrained_one(model, tmp_path):
+    pred = predict_sequences(model, ["MKTAYIAKQRXWFDE:HLNVC"], CPU, num_recycles=0)[0]
+    residue_at = {("AB"[c], int(num)): i for i, (c, num) in enumerate(zip(pred.chain_index, pred.residue_numbers))}
+    (tmp_path / "ca.pdb").write_text(pred.to_pdb(CA_ONLY, remark="p"))
+    for (chain, num, _, _), (_, b) in pdb_atoms(tmp_path / "ca.pdb").items():
+        assert b == pytest.approx(float(pred.plddt[residue_at[chain, num]]), abs=0.006)
+    (tmp_path / "none.pdb").write_text(pred.to_pdb(None))
+    assert {b for _, b in pdb_atoms(tmp_path / "none.pdb").values()} == {0.0}
+    head = (tmp_path / "ca.pdb").read_text().splitlines()[:3]
+    assert head == ["REMARK p", "REMARK B-factors: per-residue CA pLDDT (0-100) on every atom of the residue",
+                    "REMARK (the model's pLDDT head was trained on CA only)"]
 
 
 def test_chunk_size_gives_the_same_structure(run_dir, tmp_path):
@@ -240,7 +260,11 @@ def test_esmfold_checkpoint_is_loaded_through_the_pretrained_loader(run_dir, tmp
     max_recycles = load_trained_model(run_dir)[0].trunk.cfg.max_recycles
     assert summary["num_recycles"] == max_recycles - 1  # esm-fold's default: max_recycles trunk passes
     assert summary["predictions"][0]["n_chains"] == 2
-    assert "wrote 1 structure(s)" in capsys.readouterr().out
+    # a fair-esm file's heads: pLDDT per atom, pTM trained (ipTM, each chain's pTM, the PAE file)
+    assert summary["confidence"]["plddt_head"] == "per_atom" and summary["ptm_head_trained"] is True
+    record = summary["predictions"][0]
+    assert 0 < record["iptm"] <= 1 and len(record["ptm_per_chain"]) == 2 and (tmp_path / "o" / record["pae"]).is_file()
+    assert "wrote 1 structure(s) (.pdb + .pae.npz + .json each)" in capsys.readouterr().out
 
 
 # --- a tiny fair-esm ESMFold checkpoint: our predictions against fair-esm's own esm-fold path ----
@@ -320,6 +344,8 @@ def test_esmfold_checkpoint_predicts_what_esm_fold_predicts_with_better_numberin
         assert b == pytest.approx(mono_theirs[key][1], abs=0.011)
     summary = json.loads((tmp_path / "o" / "predictions.json").read_text())
     assert summary["esmfold"] == str(ckpt) and summary["num_recycles"] == 1 and summary["adapter"] == "none"
+    assert summary["confidence"]["plddt_head"] == "per_atom"
+    assert "REMARK B-factors: per-atom pLDDT" in (tmp_path / "o" / "d.pdb").read_text()
     with torch.no_grad():
         their_mono_out = fair.infer([CHAIN_A])
     assert summary["predictions"][1]["ptm"] == pytest.approx(float(their_mono_out["ptm"][0]), abs=1e-5)

@@ -4,23 +4,37 @@
     run = predict_fasta("seqs.fasta", None, "predictions/", esmfold="esmfold_3B_v1.pt", lm="esm2_t36_3B_UR50D.pt")
 
 For each usable FASTA record (see `esmfold_peft.data.fasta` for what is accepted) it writes
-`<stem>.pdb`, `<stem>.json` and `<stem>.pae.npz` into the output directory, and `predictions.json`
-for the whole file. Conventions:
+`<stem>.pdb`, `<stem>.json` and `<stem>.pae.npz` (only when the pTM head was trained) into the output
+directory, and `predictions.json` for the whole file. Conventions:
 
 * PDB: chains A, B, ... (one per chain of an `A:B` record; a monomer is chain A), each chain's
   residues numbered from 1, every heavy atom the residue type has (atom37 from the structure
   module's atom14 positions, as ESMFold writes them). X residues are written as UNK with a Cα
   only, at the origin of the predicted backbone frame (the model places no other atom for them;
   for the 20 standard residues that origin is exactly the predicted Cα);
-* B-factor column: each atom's own pLDDT (0..100) from the lDDT head, as esm-fold writes it (the
-  head predicts all 37 atom slots, so atoms of one residue differ). `mean_plddt` in the JSON is the
-  mean of the residues' Cα pLDDT, the channel the pLDDT-Cα loss trains and validation reports;
+* confidence follows where the model's heads come from (`confidence`; predictions.json's
+  `confidence` object says which case applies and why):
+  - B-factors: a lDDT head trained per atom (fair-esm's, `--esmfold`; or a run fine-tuned from a
+    pretrained ESMFold, `model.init_from`, that left the head as it was) gives each atom's own pLDDT
+    (0..100), as esm-fold writes it, so atoms of one residue differ. A head trained in the run with
+    the pLDDT-Cα loss (Cα only, as AF2 and OpenFold train it) gives the residue's Cα pLDDT on all of
+    its atoms (the AF2/ColabFold convention): its other 36 channels never trained. A head never
+    trained gives 0.00. A REMARK line of the PDB says which;
+  - `mean_plddt`: the mean over residues of the Cα pLDDT (`Prediction.mean_plddt`; esm-fold's own
+    printout averages over all atoms instead, which differs for per-atom models);
+    `plddt_per_residue`: each residue's Cα pLDDT (2 decimals); both null when the head never trained;
+  - `ptm`, `ptm_per_chain` (each chain alone), `iptm` (AF-multimer's interface pTM; null for a
+    monomer), `max_predicted_aligned_error` and `<stem>.pae.npz` only from a trained pTM head (the
+    pretrained file's, or trained in the run with `loss.tm.weight` > 0); otherwise they are null, no
+    PAE file is written (`"pae": null`), and the job says why once on stderr;
 * multimers: the chains are joined by a 25-residue poly-G linker and each chain's residue index
   (with the linker after it) is raised by 512 per chain inside the model, exactly as esm-fold does
   (`encode_sequences`). Unlike esm-fold, the linker is removed from everything written (no linker
   residue in the PDB, its rows and columns cut from the PAE) and pTM is computed without it
   (openfold's `compute_tm` with the linker's residue weights set to 0); for a monomer that is the
-  model's own pTM;
+  model's own pTM. `ptm_per_chain`: the same with only one chain's residues weighted; `iptm`: for
+  each residue aligned on, the TM terms of the other chains' residues averaged, d0 from the whole
+  complex's length, the largest over residues (`interface_ptm`);
 * `<stem>.pae.npz`: `pae`, the predicted aligned error in Å (float16 [L, L], row i = residue
   aligned on, column j = residue scored, L = residues without linkers), `chain_index` (int8 [L]) and
   `max_predicted_aligned_error` (the largest value the head can predict, also in the JSON);
@@ -42,13 +56,16 @@ for the whole file. Conventions:
   (`merge_adapter_checked`); a mismatch beyond the tolerance is an error.
 """
 
+from .confidence import CA_ONLY, PER_ATOM, ConfidenceHeads, confidence_heads, head_trained_in_run
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      encode_sequences, file_stems, length_batches, model_length, shard_records)
 from .job import PART_FILE, PredictionRun, PredictionWriter, is_out_of_memory, predict_fasta
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, MergeMismatchError, merge_adapter_checked
-from .outputs import PAE_SUFFIX, Prediction, predict_sequences
+from .outputs import PAE_SUFFIX, Prediction, chain_ptms, interface_ptm, linker_masked_ptm, predict_sequences
 
-__all__ = ["CHAIN_LINKER", "DEFAULT_MAX_TOKENS", "DEFAULT_MERGE_TOLERANCE", "PAE_SUFFIX", "PART_FILE",
-           "RESIDUE_INDEX_OFFSET", "SUMMARY_FILE", "MergeCheck", "MergeMismatchError", "Prediction", "PredictionError",
-           "PredictionRun", "PredictionWriter", "encode_sequences", "file_stems", "is_out_of_memory", "length_batches",
-           "merge_adapter_checked", "model_length", "predict_fasta", "predict_sequences", "shard_records"]
+__all__ = ["CA_ONLY", "CHAIN_LINKER", "DEFAULT_MAX_TOKENS", "DEFAULT_MERGE_TOLERANCE", "PAE_SUFFIX", "PART_FILE",
+           "PER_ATOM", "RESIDUE_INDEX_OFFSET", "SUMMARY_FILE", "ConfidenceHeads", "MergeCheck", "MergeMismatchError",
+           "Prediction", "PredictionError", "PredictionRun", "PredictionWriter", "chain_ptms", "confidence_heads",
+           "encode_sequences", "file_stems", "head_trained_in_run", "interface_ptm", "is_out_of_memory",
+           "length_batches", "linker_masked_ptm", "merge_adapter_checked", "model_length", "predict_fasta",
+           "predict_sequences", "shard_records"]

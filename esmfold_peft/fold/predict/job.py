@@ -21,6 +21,7 @@ from ...runtime.rundir import ensure_writable_dir
 from ...runtime.session import resolve_device, setup_distributed, teardown_distributed, world_size
 from ...runtime.text import finite_or_none
 from ..run.checkpoint import load_trained_model
+from .confidence import ConfidenceHeads, confidence_heads
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      file_stems, length_batches, model_length, shard_records)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, adapted_parts, bf16_language_model, merge_adapter_checked
@@ -43,6 +44,7 @@ class PredictionRun:
         failures: rejected FASTA records, then records whose prediction failed (in file order).
         merge_check: the merged-vs-unmerged check, or None when nothing was merged (under
             torchrun: the largest deviations over the processes' checks).
+        confidence: what the model's confidence heads are (what the pLDDT, pTM and PAE written mean).
     """
 
     out_dir: Path
@@ -50,6 +52,7 @@ class PredictionRun:
     predicted: list[dict]
     failures: list[BadRecord] = field(default_factory=list)
     merge_check: Optional[MergeCheck] = None
+    confidence: Optional[ConfidenceHeads] = None
 
     @property
     def ok(self) -> bool:
@@ -85,13 +88,21 @@ def _predict_or_split(model, records: list[SequenceRecord], device: torch.device
                 + _predict_or_split(model, records[half:], device, num_recycles))
 
 
-def _record_summary(record: SequenceRecord, prediction: Prediction, stem: str, num_recycles: int) -> dict:
+def _record_summary(record: SequenceRecord, prediction: Prediction, stem: str, num_recycles: int,
+                    heads: ConfidenceHeads) -> dict:
+    """A record's `<stem>.json`: numbers of a head that was never trained are null (`heads`), the PAE file too."""
+    plddt, ptm = heads.plddt is not None, heads.ptm
     return {"id": record.id, "description": record.description, "length": len(record),
             "n_chains": len(record.chains), "chain_lengths": [len(c) for c in record.chains],
-            "mean_plddt": prediction.mean_plddt, "ptm": finite_or_none(prediction.ptm),
-            "max_predicted_aligned_error": finite_or_none(prediction.max_pae), "seconds": prediction.seconds,
-            "batch_size": prediction.batch_size, "num_recycles": num_recycles, "pdb": f"{stem}.pdb",
-            "pae": f"{stem}{PAE_SUFFIX}", "substitutions": record.substitutions, "sequence": record.sequence}
+            "mean_plddt": prediction.mean_plddt if plddt else None,
+            "plddt_per_residue": [round(float(v), 2) for v in prediction.plddt] if plddt else None,
+            "ptm": finite_or_none(prediction.ptm) if ptm else None,
+            "ptm_per_chain": [finite_or_none(v) for v in prediction.ptm_per_chain] if ptm else None,
+            "iptm": finite_or_none(prediction.iptm) if ptm else None,
+            "max_predicted_aligned_error": finite_or_none(prediction.max_pae) if ptm else None,
+            "seconds": prediction.seconds, "batch_size": prediction.batch_size, "num_recycles": num_recycles,
+            "pdb": f"{stem}.pdb", "pae": f"{stem}{PAE_SUFFIX}" if ptm else None,
+            "substitutions": record.substitutions, "sequence": record.sequence}
 
 
 
@@ -103,7 +114,7 @@ class _Loaded:
     model: torch.nn.Module
     source: dict
     adapter: str
-    ptm_head_trained: bool
+    heads: ConfidenceHeads  # where its pLDDT and pTM heads come from (`confidence_heads`)
     default_recycles: int
 
 
@@ -118,7 +129,7 @@ def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], devi
         # lm as text: the loader takes a path (fair-esm .pt, Hugging Face directory) or a fair-esm model name
         model, _ = load_esmfold_checkpoint(Path(esmfold), lm=None if lm is None else str(lm), device=str(device))
         return _Loaded(model, {"run_dir": None, "checkpoint": None, "overrides": [], "esmfold": str(esmfold),
-                               "lm": None if lm is None else str(lm)}, "none", True,
+                               "lm": None if lm is None else str(lm)}, "none", confidence_heads(esmfold=True),
                        # esm-fold's default: the trunk's max_recycles passes, i.e. one fewer recycle
                        int(model.trunk.cfg.max_recycles) - 1)
     if lm is not None:
@@ -127,7 +138,7 @@ def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], devi
     model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None, overrides=overrides)
     return _Loaded(model, {"run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
                            "overrides": list(overrides), "esmfold": None, "lm": None},
-                   cfg.adapter.method, bool(cfg.loss.tm.weight), int(cfg.val.num_recycles))
+                   cfg.adapter.method, confidence_heads(cfg), int(cfg.val.num_recycles))
 
 
 def _part_path(out_dir: Path, rank: int, world: int) -> Path:
@@ -174,6 +185,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             language model.
 
     `predictions.json` is always written, atomically, for what was done, also when interrupted.
+    What the confidence numbers mean follows the model's heads (`confidence_heads`); those of a head
+    that was never trained are not written, and the job logs one warning saying why.
     Raises FastaError (unusable FASTA file), CheckpointError and friends (unusable run or
     checkpoint), PredictionError (no usable device, contradictory arguments) and MergeMismatchError
     (merging changed the outputs). Problems with single records end up in `PredictionRun.failures`.
@@ -234,11 +247,14 @@ class PredictionWriter:
         if isinstance(result, str):
             self.failed.append(BadRecord(record.id, result, record.line))
             return
-        stem, out = self.stems[record.id], self.out_dir
-        pdb = result.to_pdb(remark=f"{record.id}; B-factors are per-atom pLDDT (0-100)")
+        stem, out, heads = self.stems[record.id], self.out_dir, self.loaded.heads
+        pdb = result.to_pdb(heads.plddt, remark=record.id)
         atomic_write(out / f"{stem}.pdb", lambda tmp: Path(tmp).write_text(pdb))
-        atomic_write(out / f"{stem}{PAE_SUFFIX}", lambda tmp, data=result.pae_npz(): Path(tmp).write_bytes(data))
-        self.summaries[record.id] = _record_summary(record, result, stem, self.settings["num_recycles"])
+        if heads.ptm:
+            atomic_write(out / f"{stem}{PAE_SUFFIX}", lambda tmp, data=result.pae_npz(): Path(tmp).write_bytes(data))
+        else:  # no PAE from an untrained head; nor one left by an earlier job in the same directory
+            (out / f"{stem}{PAE_SUFFIX}").unlink(missing_ok=True)
+        self.summaries[record.id] = _record_summary(record, result, stem, self.settings["num_recycles"], heads)
         write_json_atomic(out / f"{stem}.json", self.summaries[record.id])
 
     def part(self, status: str) -> dict:
@@ -250,7 +266,7 @@ class PredictionWriter:
 
     def summary(self, parts: list[dict]) -> dict:
         """predictions.json from the processes' parts."""
-        records, bad, model = self.contents.records, self.contents.bad, self.loaded.model
+        records, bad, model, heads = self.contents.records, self.contents.bad, self.loaded.model, self.loaded.heads
         predicted = sorted((p for pt in parts for p in pt["predictions"]), key=lambda p: self.order[p["id"]])
         prediction_failures = sorted((f for pt in parts for f in pt["failures"]), key=lambda f: f["line"])
         combined = _merged_check([_check_from_dict(pt["merge_check"]) for pt in parts])
@@ -264,10 +280,13 @@ class PredictionWriter:
             **self.settings, "chunk_size": getattr(model.trunk, "chunk_size", None),
             "multimer": {"chain_separator": CHAIN_SEPARATOR, "chain_linker": CHAIN_LINKER,
                          "residue_index_offset": RESIDUE_INDEX_OFFSET, "linker_in_outputs": False,
-                         "ptm": "without the linker", "residue_numbering": "each chain from 1"},
-            "plddt": "per-atom pLDDT, 0..100, in each atom's B-factor; mean_plddt: mean of the residues' Cα pLDDT",
-            "pae": f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed",
-            "ptm_head_trained": self.loaded.ptm_head_trained,
+                         "ptm": "without the linker", "residue_numbering": "each chain from 1",
+                         "ptm_per_chain": "pTM of each chain alone", "iptm": "interface pTM (AF-multimer): for "
+                         "each residue, the TM terms of the other chains' residues, averaged; the largest"},
+            "confidence": heads.as_dict(),
+            "pae": (f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed"
+                    if heads.ptm else "not written: the pTM head was never trained"),
+            "ptm_head_trained": heads.ptm,
             "n_records": len(records) + len(bad), "n_predicted": len(predicted),
             "n_failed": len(bad) + len(prediction_failures),
             "n_not_reached": len(records) - len(predicted) - len(prediction_failures),
@@ -307,6 +326,9 @@ def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
             log.warning("skipping FASTA record %s", bad)
     out_dir = ensure_writable_dir(Path(out_dir))
     loaded = _load_model(run_dir, checkpoint, esmfold, lm, overrides, torch_device)
+    if rank == 0:  # once per job, not per record
+        for message in loaded.heads.warnings():
+            log.warning(message)
     model = loaded.model
     model.to(torch_device).eval()
     if chunk_size is not None:
@@ -347,7 +369,7 @@ def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
     failures = list(contents.bad) + [BadRecord(f["id"], f["reason"], f["line"])
                                      for f in merged["failures"][len(contents.bad):]]
     return PredictionRun(out_dir, out_dir / SUMMARY_FILE, merged["predictions"], failures,
-                         _check_from_dict(merged["merge_check"]))
+                         _check_from_dict(merged["merge_check"]), loaded.heads)
 
 
 def _check_from_dict(d: Optional[dict]) -> Optional[MergeCheck]:
