@@ -107,14 +107,15 @@ class DemoSettings:
     new_family: str = "distant"  # distant: on the first base parent's fold; unseen: on one more parent
     new_rate: float = 0.6  # fraction of residues substituted in each variant of the new family
     base_train_variants: int = 8
-    base_val_variants: int = 2
+    base_val_variants: int = 5  # 10 held-out chains over the base families: enough for a correlation
     new_train_variants: int = 8
-    new_val_variants: int = 4
+    new_val_variants: int = 12
     seed: int = 0
     base_steps: int = 1500
     base_lr: float = 1e-3
     finetune_steps: int = 300
     finetune_lr: float = 2e-2
+    confidence_lr: float = 1e-3  # the pLDDT/pTM heads' rate in the heads-trained fine-tuning
     rank: int = 32
     alpha: float = 0.0  # 0: alpha = rank
     batch_size: int = 1
@@ -214,10 +215,13 @@ def base_overrides(settings: DemoSettings, out: Path) -> list[str]:
             *run_overrides(settings, out, "base")]
 
 
-def finetune_overrides(settings: DemoSettings, out: Path) -> list[str]:
+def finetune_overrides(settings: DemoSettings, out: Path, heads: bool = False) -> list[str]:
+    """The fine-tuning run: LoRTA on LM and trunk, the rest frozen; with `heads`, the confidence heads trained too."""
     warmup = max(1, settings.finetune_steps // 10)
+    trainable = ["model.trainable=confidence", f"optim.confidence_lr={settings.confidence_lr}"] if heads else \
+        ["model.trainable="]
     return ["adapter.method=lorta", "adapter.scope=both", f"adapter.rank={settings.rank}",
-            f"adapter.alpha={settings.alpha}", "model.trainable=", f"model.init_from={out / BASE_FILE}",
+            f"adapter.alpha={settings.alpha}", *trainable, f"model.init_from={out / BASE_FILE}",
             f"train.steps={settings.finetune_steps}", f"optim.lr={settings.finetune_lr}",
             f"optim.warmup_steps={warmup}", *run_overrides(settings, out, "new")]
 
@@ -269,8 +273,14 @@ def _completed_prediction(pred_dir: Path, n: int) -> bool:
     return summary.get("status") == "completed" and summary.get("n_predicted") == n
 
 
+MODELS = {"base": None, "finetuned": "finetune", "finetuned_heads": "finetune_heads"}  # model -> its run directory
+MODEL_LABELS = {"base": "base (exported file)", "finetuned": "fine-tuned, heads frozen",
+                "finetuned_heads": "fine-tuned, heads trained"}
+
+
 def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str, progress: bool) -> dict:
-    """Predict a family set's held-out variants with `model` ('base' or 'finetuned') and score them."""
+    """Predict a family set's held-out variants with `model` (a key of MODELS) and score them: accuracy, its
+    margin above the sequence-only baselines, and the calibration of pLDDT."""
     from esmfold_peft.eval.evaluate import evaluate_paths
     from esmfold_peft.eval.report import summarize
     from esmfold_peft.fold.predict import predict_fasta
@@ -283,7 +293,7 @@ def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str,
             predict_fasta(data / "val.fasta", None, where / "predictions", esmfold=out / BASE_FILE, lm=lm,
                           num_recycles=settings.num_recycles, device="cpu", progress=progress)
         else:
-            predict_fasta(data / "val.fasta", out / "finetune", where / "predictions",
+            predict_fasta(data / "val.fasta", out / MODELS[model], where / "predictions",
                           num_recycles=settings.num_recycles, device="cpu", progress=progress)
     run = evaluate_paths(where / "predictions", data / "val", where / "report", plots=False, progress=progress)
     if run.failures:
@@ -291,9 +301,14 @@ def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str,
     overall = summarize(run.chains)
     predictions = json.loads((where / "predictions" / "predictions.json").read_text())
     check = predictions.get("merge_check") or {}
+    cal = overall["calibration"]
     return {"model": model, "family": family, "n_chains": overall["n_chains"],
             "lddt_ca": overall["lddt_ca_global_pooled_mean_over_chains"],
+            "lddt_ca_margin": overall["margins"]["lddt_ca"],
             "mean_plddt": overall["mean_plddt_mean_over_chains"],
+            "ece": cal["per_residue"]["ece"], "n_residues": cal["per_residue"]["n"],
+            "pearson_r": cal["per_chain"]["pearson_r"], "spearman_rho": cal["per_chain"]["spearman_rho"],
+            "correlation_caveat": cal["per_chain"]["caveat"],
             "tm_score": overall["tm_score_mean_over_chains"], "rmsd_ca": overall["rmsd_ca_mean_over_chains"],
             "adapter_merged": bool(predictions.get("adapter_merged")),
             "merge_max_deviation_angstrom": check.get("max_position_deviation_angstrom"),
@@ -317,6 +332,7 @@ def run_demo(settings: DemoSettings, out: Path, demo_root: Optional[Path] = None
         families = clock.run("families", lambda: make_families(settings, demo_root, out))
 
     base_cmd, ft_cmd = base_overrides(settings, out), finetune_overrides(settings, out)
+    heads_cmd = finetune_overrides(settings, out, heads=True)
     if not (clock.done("base") and run_stage_done(out / "base", settings.base_steps)):
         clock.run("base", lambda: train_stage(base_cmd, out / "base", progress))
     if not (clock.done("export") and (out / BASE_FILE).is_file() and "export" in state):
@@ -324,6 +340,8 @@ def run_demo(settings: DemoSettings, out: Path, demo_root: Optional[Path] = None
         write_json_atomic(out / STATE, state)
     if not (clock.done("finetune") and run_stage_done(out / "finetune", settings.finetune_steps)):
         clock.run("finetune", lambda: train_stage(ft_cmd, out / "finetune", progress))
+    if not (clock.done("finetune_heads") and run_stage_done(out / "finetune_heads", settings.finetune_steps)):
+        clock.run("finetune_heads", lambda: train_stage(heads_cmd, out / "finetune_heads", progress))
 
     from esmfold_peft.fold.run.resolve import read_run_config
 
@@ -332,21 +350,26 @@ def run_demo(settings: DemoSettings, out: Path, demo_root: Optional[Path] = None
 
     def evaluate() -> list[dict]:
         return [measure(out, model, family, settings, lm, progress)
-                for model in ("base", "finetuned") for family in ("new", "base")]
+                for model in MODELS for family in ("new", "base")]
 
     scores = evaluate() if clock.done("evaluate") else clock.run("evaluate", evaluate)
-    results = _results(settings, out, state, families, scores, base_cmd, ft_cmd, lm)
+    results = _results(settings, out, state, families, scores, {"base": base_cmd, "finetune": ft_cmd,
+                                                                "finetune_heads": heads_cmd}, lm)
     write_json_atomic(out / RESULTS_JSON, results)
     text = markdown(results)
     atomic_write(out / RESULTS_MD, lambda tmp: Path(tmp).write_text(text))
     return results
 
 
-def _results(settings, out, state, families, scores, base_cmd, ft_cmd, lm) -> dict:
-    def summary(name):
-        return RunDir(out / name).read_summary()
+def _finetune_stage(out: Path, name: str, state: dict) -> dict:
+    ft = RunDir(out / name).read_summary()
+    return {"steps": ft["steps"], "trainable_parameters": ft["trainable_parameters"],
+            "val_lddt_ca_initial": ft.get("val_lddt_ca_initial"), "val_lddt_ca_final": ft.get("val_lddt_ca_final"),
+            **state["stages"][name]}
 
-    base, ft = summary("base"), summary("finetune")
+
+def _results(settings, out, state, families, scores, cmds, lm) -> dict:
+    base = RunDir(out / "base").read_summary()
     by = {(s["model"], s["family"]): s for s in scores}
     new_parent = families["new"]["parents"][0]
     return {
@@ -364,17 +387,19 @@ def _results(settings, out, state, families, scores, base_cmd, ft_cmd, lm) -> di
             "base": {"steps": base["steps"], "trainable_parameters": base["trainable_parameters"],
                      "val_lddt_ca_final": base.get("val_lddt_ca_final"), **state["stages"]["base"]},
             "export": {"file": str(out / BASE_FILE), **state.get("export", {}), **state["stages"]["export"]},
-            "finetune": {"steps": ft["steps"], "trainable_parameters": ft["trainable_parameters"],
-                         "val_lddt_ca_initial": ft.get("val_lddt_ca_initial"),
-                         "val_lddt_ca_final": ft.get("val_lddt_ca_final"), **state["stages"]["finetune"]},
+            "finetune": _finetune_stage(out, "finetune", state),
+            "finetune_heads": _finetune_stage(out, "finetune_heads", state),
             "families": state["stages"]["families"], "evaluate": state["stages"]["evaluate"],
         },
         "scores": scores,
-        "new_family": {"before": by[("base", "new")], "after": by[("finetuned", "new")]},
-        "old_families": {"before": by[("base", "base")], "after": by[("finetuned", "base")]},
-        "commands": {"base": train_command(base_cmd, out / "base"),
+        "new_family": {"before": by[("base", "new")], "after": by[("finetuned", "new")],
+                       "after_heads_trained": by[("finetuned_heads", "new")]},
+        "old_families": {"before": by[("base", "base")], "after": by[("finetuned", "base")],
+                         "after_heads_trained": by[("finetuned_heads", "base")]},
+        "commands": {"base": train_command(cmds["base"], out / "base"),
                      "export": f"python scripts/export_esmfold.py --run {out / 'base'} --out {out / BASE_FILE}",
-                     "finetune": train_command(ft_cmd, out / "finetune")},
+                     "finetune": train_command(cmds["finetune"], out / "finetune"),
+                     "finetune_heads": train_command(cmds["finetune_heads"], out / "finetune_heads")},
         "total_wall_s": round(sum(s["wall_s"] for s in state["stages"].values()), 1),
         "total_cpu_s": round(sum(s["cpu_s"] for s in state["stages"].values()), 1),
     }
@@ -384,27 +409,36 @@ def _f(x, digits=3) -> str:
     return format_score(x, digits, missing="–")
 
 
+def _margin(s: dict) -> str:
+    m = s.get("lddt_ca_margin")
+    return "–" if not m else f"{m['margin']:+.3f}"
+
+
+def _correlation(s: dict) -> str:
+    return f"{s['pearson_r']:.2f}" if s.get("pearson_r") is not None else "n too small"
+
+
 def markdown(results: dict) -> str:
-    """results.md: the scores before and after, then the stages."""
+    """results.md: accuracy and calibration before and after (heads frozen, heads trained), then the stages."""
     d, st = results["data"], results["stages"]
-    new_label = f"new family ({d['new_family_kind']}, never seen)"
-    rows = [("base (exported file)", new_label, results["new_family"]["before"]),
-            ("fine-tuned, merged", "new family", results["new_family"]["after"]),
-            ("base (exported file)", "base families", results["old_families"]["before"]),
-            ("fine-tuned, merged", "base families (forgetting?)", results["old_families"]["after"])]
+    family_label = {"new": f"new family ({d['new_family_kind']}, never seen)", "base": "base families"}
     lines = ["# Fine-tuning demonstration", "",
              f"Synthetic families (variants of TS50 chains with residues substituted at random, on the parent's "
              f"backbone): base families {', '.join(d['base_families'])} ({d['rate']:.0%} substituted); new family "
              f"on {d['new_family']} ({d['new_rate']:.0%} substituted, {d['new_family_kind']}). "
-             "Held-out variants only; LDDT-Cα is the global pooled score per chain, mean over "
-             "chains.", "",
-             "| model | held-out variants of | chains | LDDT-Cα | mean pLDDT | TM-score |",
-             "|---|---|---|---|---|---|"]
-    for model, family, s in rows:
-        lines.append(f"| {model} | {family} | {s['n_chains']} | {_f(s['lddt_ca'])} | {_f(s['mean_plddt'], 1)} | "
-                     f"{_f(s['tm_score'])} |")
+             "Held-out variants only; LDDT-Cα is the global pooled score per chain, mean over chains; 'above "
+             "baseline' is LDDT-Cα minus the better sequence-only baseline's (an ideal helix or a compact random "
+             "chain of the same length); ECE is the expected calibration error of per-residue pLDDT/100 against "
+             "LDDT-Cα (0 is perfect); r is Pearson's over chains (mean pLDDT against LDDT-Cα).", "",
+             "| model | held-out variants of | chains | LDDT-Cα | above baseline | mean pLDDT | ECE | r | TM-score |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for family in ("new", "base"):
+        for s in (s for s in results["scores"] if s["family"] == family):
+            lines.append(f"| {MODEL_LABELS[s['model']]} | {family_label[family]} | {s['n_chains']} | {_f(s['lddt_ca'])} | "
+                         f"{_margin(s)} | {_f(s['mean_plddt'], 1)} | {_f(s['ece'])} | {_correlation(s)} | "
+                         f"{_f(s['tm_score'])} |")
     lines += ["", "| stage | steps | trainable parameters | wall s | CPU s |", "|---|---|---|---|---|"]
-    for name in ("families", "base", "export", "finetune", "evaluate"):
+    for name in ("families", "base", "export", "finetune", "finetune_heads", "evaluate"):
         s = st[name]
         params = s.get("trainable_parameters", {}).get("total") if isinstance(s.get("trainable_parameters"),
                                                                                dict) else None
@@ -486,9 +520,12 @@ def _main(argv: list[str] | None = None) -> int:
     out = args.out or project_root() / "runs" / ("demo-finetune-smoke" if args.smoke else "demo-finetune")
     results = run_demo(settings, out, progress=not args.no_progress)
     print((out / RESULTS_MD).read_text(), end="")
-    before, after = results["new_family"]["before"]["lddt_ca"], results["new_family"]["after"]["lddt_ca"]
-    print(f"\nnew family, LDDT-Cα: {before:.3f} before, {after:.3f} after fine-tuning; results in {out / RESULTS_MD} "
-          f"and {out / RESULTS_JSON}")
+    new = results["new_family"]
+    frozen, trained = new["after"], new["after_heads_trained"]
+    print(f"\nnew family: LDDT-Cα {new['before']['lddt_ca']:.3f} before, {frozen['lddt_ca']:.3f} after fine-tuning "
+          f"({_margin(frozen)} above the better sequence-only baseline); pLDDT calibration error (ECE, "
+          f"{frozen['n_residues']} residues) {_f(frozen['ece'])} with the heads frozen, {_f(trained['ece'])} with "
+          f"them trained (LDDT-Cα {trained['lddt_ca']:.3f}); results in {out / RESULTS_MD} and {out / RESULTS_JSON}")
     print(f"next: python scripts/predict.py --fasta SEQS.fasta --run {out / 'finetune'} --out PRED_DIR   "
           "(the fine-tuned model, adapter merged); the recipe for Meta's ESMFold is in docs/finetune.md")
     return EXIT_OK

@@ -27,7 +27,8 @@ from pathlib import Path
 from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY
 from esmfold_peft.eval.evaluate import EvaluationRun, evaluate_paths
 from esmfold_peft.eval.lddt import LDDT_CUTOFF
-from esmfold_peft.eval.report import summarize
+from esmfold_peft.eval.baselines import margin_text
+from esmfold_peft.eval.report import calibration_markdown, summarize
 from esmfold_peft.fold.experiments.evaluate_run import SPLITS, evaluate_run
 from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main
 from esmfold_peft.runtime.text import format_score
@@ -90,6 +91,11 @@ def _fmt(x: float | None) -> str:
     return format_score(x, 3)
 
 
+def calibration_lines(cal: dict) -> list[str]:
+    """The calibration statements of report.md (each with its n, or the reason it has none), for the terminal."""
+    return [line[2:] for line in calibration_markdown(cal) if line.startswith("- ")]
+
+
 def print_summary(run: EvaluationRun) -> None:
     """Where the report went, the headline numbers (aggregations named), flagged pairs and every failure."""
     written = ["report.json", "report.md"] + ([f"{len(run.files.figures)} figure(s)"] if run.files.figures else [])
@@ -101,6 +107,10 @@ def print_summary(run: EvaluationRun) -> None:
               f"GDT-TS {_fmt(overall['gdt_ts_mean_over_chains'])}, "
               f"TM-score {_fmt(overall['tm_score_mean_over_chains'])}, "
               f"RMSD {_fmt(overall['rmsd_ca_mean_over_chains'])} Å")
+        if overall.get("baselines"):
+            print(margin_text(overall["baselines"]["model"]["lddt_ca"], overall["baselines"]))
+        for line in calibration_lines(overall["calibration"]):
+            print(line)
     for chain in run.chains:
         if chain.low_identity_or_coverage:
             print(f"warning: {chain.similarity_warning()}", file=sys.stderr)

@@ -117,6 +117,24 @@ NEXT_STEP = {
 }
 
 
+def kept_headline(out: Path) -> str | None:
+    """The kept model's validation LDDT-Cα beside the sequence-only baselines on the same chains, or None."""
+    from esmfold_peft.eval.baselines import margin_text
+    from esmfold_peft.runtime.rundir import RunDir
+
+    run = RunDir(out)
+    if not run.summary.is_file():
+        return None
+    summary = run.read_summary()
+    value = summary.get("best_value") if summary.get("kept") == "best" else summary.get("last_value")
+    base = summary.get("val_baselines")
+    if value is None or not base:
+        return None
+    which = f"{summary.get('kept')}, step {summary.get('kept_step')}"
+    return (f"validation {margin_text(value, base)}; kept model ({which}), {base['n_chains']} chain(s); "
+            "docs/method.md explains the baselines")
+
+
 def main(argv=None) -> int:
     return run_main(_main, argv)
 
@@ -135,6 +153,9 @@ def _main(argv=None) -> int:
 
     status = train(cfg, out, resume=args.resume, progress=not args.no_progress, resolved=True)
     print(f"run directory: {out}")
+    headline = kept_headline(out)
+    if headline:
+        print(headline)
     print(NEXT_STEP[status].format(out=out))
     return status
 

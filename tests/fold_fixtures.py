@@ -14,6 +14,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from conftest import FRAGMENT_PDB
 from esmfold_peft.fold.run.config import base_config, structure_module_config, trunk_config
@@ -116,15 +117,21 @@ def write_tiny_config_file(tmp_path: Path, steps: int) -> Path:
 
 def write_esmfold_checkpoint(cfg, path: Path, seed: int = 5) -> Path:
     """A fair-esm-format ESMFold checkpoint of the model `cfg` builds (random trunk and heads, no LM), written
-    by the project's exporter (`export_esmfold_checkpoint`)."""
+    by the project's exporter (`export_esmfold_checkpoint`). It stands for Meta's: without the exporter's record
+    of how its heads were trained (Meta's files have none, and their heads are trained)."""
     from esmfold_peft.fold.model.build import build_model
+    from esmfold_peft.fold.run.confidence import RECORD_KEY
     from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
     from esmfold_peft.fold.train import seed_everything
+    from esmfold_peft.runtime.artifacts import torch_save
 
     bare = cfg.copy_and_resolve_references()
     bare.adapter.method, bare.model.trainable, bare.model.init_from = "none", "trunk", ""
     seed_everything(seed)
     export_esmfold_checkpoint(build_model(bare), bare, path, esm_type="esm2_8M")
+    data = torch.load(path, weights_only=False)  # our own file: its cfg is an OmegaConf object
+    del data[RECORD_KEY]
+    torch_save(data, Path(path))
     return Path(path)
 
 

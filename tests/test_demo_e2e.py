@@ -13,7 +13,7 @@ from fold_fixtures import load_script
 
 
 @pytest.mark.slow
-def test_demo_training_improves_validation_lddt(tmp_path, demo_data):
+def test_demo_training_improves_validation_lddt(tmp_path, demo_data, capsys):
     run = tmp_path / "run"
     argv = ["--config", "demo", "--adapter", "lorta", "--rank", "8", "--steps", "30", "--set", "train.val_every=0",
             "--set", "train.ckpt_every=0", "--set", "data.val_max_chains=4", "--set", "train.crop_size=32",
@@ -25,3 +25,11 @@ def test_demo_training_improves_validation_lddt(tmp_path, demo_data):
     assert summary["trainable_parameters"]["adapter"] == 8 * (320 + 16 + 20 + 6 + 4)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "training_curves.png").is_file()
+    # the headline beside what a structure built from the length alone scores on the same 4 crops
+    base = summary["val_baselines"]
+    assert base["n_chains"] == 4 and 0 < base["helix"]["lddt_ca"] < 1 and 0 < base["compact"]["lddt_ca"] < 1
+    best = max(base["helix"]["lddt_ca"], base["compact"]["lddt_ca"])
+    printed = capsys.readouterr().out
+    margin = summary["val_lddt_ca_final"] - best
+    assert f"validation LDDT-Cα {summary['val_lddt_ca_final']:.3f}, {abs(margin):.3f} " in printed
+    assert ("above" if margin >= 0 else "below") + " the better sequence-only baseline" in printed

@@ -22,7 +22,8 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_
     out = tmp_path / "demo"
     assert script.main(["--smoke", "--out", str(out), "--no-progress"]) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "| fine-tuned, merged | new family |" in printed and "next: python scripts/predict.py" in printed
+    assert "| fine-tuned, heads frozen | new family" in printed and "next: python scripts/predict.py" in printed
+    assert "pLDDT calibration error (ECE" in printed and "above the better sequence-only baseline" in printed
 
     for family in ("base", "new"):
         manifest = json.loads((out / "families" / family / "manifest.json").read_text())
@@ -38,19 +39,27 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_
     assert base["steps"] == 2 and ft["steps"] == 2
     assert base["trainable_parameters"]["trunk_and_heads"] > 0 and base["trainable_parameters"]["adapter"] == 0
     assert ft["trainable_parameters"]["adapter"] == ft["trainable_parameters"]["total"] > 0  # only the adapters
+    heads = results["stages"]["finetune_heads"]["trainable_parameters"]  # the adapters and the confidence heads
+    assert heads["adapter"] == ft["trainable_parameters"]["adapter"] and heads["trunk_and_heads"] > 0
+    heads_cfg = json.loads((out / "finetune_heads" / "config.json").read_text())
+    assert heads_cfg["model"]["trainable"] == "confidence" and heads_cfg["optim"]["confidence_lr"] == 1e-3
     assert json.loads((out / "finetune" / "config.json").read_text())["model"]["init_from"].endswith("base_esmfold.pt")
     assert (out / "base_esmfold.pt").is_file() and results["stages"]["export"]["esm_type"] == "esm2_8M_270K"
     assert {(s["model"], s["family"]) for s in results["scores"]} == {
-        (m, f) for m in ("base", "finetuned") for f in ("base", "new")}
+        (m, f) for m in ("base", "finetuned", "finetuned_heads") for f in ("base", "new")}
     for s in results["scores"]:
         assert (out / "eval" / f"{s['model']}-on-{s['family']}" / "report" / "report.json").is_file()
         assert s["n_chains"] == (2 if s["family"] == "base" else 1) and 0 <= s["lddt_ca"] <= 1
-        assert s["adapter_merged"] == (s["model"] == "finetuned")
-    for name in ("families", "base", "export", "finetune", "evaluate"):
+        assert s["adapter_merged"] == (s["model"] != "base")
+        assert s["pearson_r"] is None and "fewer than" in s["correlation_caveat"]  # 1-2 chains: no r, and why
+        assert s["lddt_ca_margin"]["better_baseline"] in ("helix", "compact")
+    for name in ("families", "base", "export", "finetune", "finetune_heads", "evaluate"):
         assert results["stages"][name]["wall_s"] >= 0 and results["stages"][name]["cpu_s"] >= 0
     table = (out / "results.md").read_text()
-    assert table.count("| fine-tuned, merged |") == 2 and table.count("| base (exported file) |") == 2
-    assert all(f"| {name} |" in table for name in ("families", "base", "export", "finetune", "evaluate"))
+    assert table.count("| fine-tuned, heads frozen |") == 2 and table.count("| base (exported file) |") == 2
+    assert table.count("| fine-tuned, heads trained |") == 2 and "| n too small |" in table
+    assert all(f"| {name} |" in table for name in ("families", "base", "export", "finetune", "finetune_heads",
+                                                   "evaluate"))
     assert "scripts/train_fold.py --config demo" in table and "scripts/export_esmfold.py" in table
 
     state = (out / "demo.json").read_text()
@@ -74,6 +83,10 @@ def test_the_runs_are_the_recipe(tmp_path):
     for item in ("adapter.method=lorta", "adapter.scope=both", "model.trainable=",
                  f"model.init_from={tmp_path / 'base_esmfold.pt'}", f"optim.lr={settings.finetune_lr}"):
         assert item in ft
+    heads = finetune_overrides(settings, tmp_path, heads=True)
+    assert "model.trainable=confidence" in heads and "model.trainable=" not in heads
+    assert [o for o in heads if not o.startswith(("model.trainable", "optim.confidence_lr"))] == \
+        [o for o in ft if o != "model.trainable="]  # the same run otherwise
     trunk = [o for o in ft if o.startswith("model.trunk")]
     assert trunk == [o for o in base if o.startswith("model.trunk")]  # the same architecture, or init_from refuses
 

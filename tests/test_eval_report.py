@@ -15,11 +15,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHAIN_KEYS = {"name", "pred_name", "ref_file", "pred_file", "length", "pred_length", "n_ref_with_ca", "n_scored",
               "pairing", "n_paired", "sequence_identity", "lddt_ca_global_pooled", "lddt_ca_mean_per_residue",
               "lddt_ca_n_pairs", "lddt_ca_score_sum", "rmsd_ca", "gdt_ts", "gdt_fractions", "tm_score",
-              "mean_plddt", "per_residue", "coverage", "low_identity_or_coverage"}
+              "mean_plddt", "per_residue", "coverage", "low_identity_or_coverage", "ptm", "baselines"}
 OVERALL_KEYS = {"n_chains", "lddt_ca_global_pooled_mean_over_chains", "lddt_ca_mean_per_residue_mean_over_chains",
                 "lddt_ca_pooled_over_all_pairs", "rmsd_ca_mean_over_chains", "gdt_ts_mean_over_chains",
                 "tm_score_mean_over_chains", "mean_plddt_mean_over_chains", "n_chains_with_plddt",
-                "plddt_vs_lddt_ca_mean_per_residue_pearson_r", "n_chains_low_identity_or_coverage"}
+                "n_chains_low_identity_or_coverage", "baselines", "margins", "calibration"}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,14 @@ def test_report_files_and_json_schema(scored_chains, tmp_path):
 
     for path in files.figures:
         assert path.read_bytes()[:8] == PNG_MAGIC
-    assert {p.name for p in files.figures} == {"per_residue_lddt_001.png", "plddt_vs_lddt.png"}
+    assert {p.name for p in files.figures} == {"per_residue_lddt_001.png", "plddt_vs_lddt.png",
+                                               "plddt_reliability.png"}
     markdown = files.markdown.read_text()
     assert "| chain | length |" in markdown and "t1_A" in markdown and "pred/broken.pdb" in markdown
     assert "![plddt_vs_lddt](plddt_vs_lddt.png)" in markdown
+    assert "## Beside sequence-only baselines (3 chain(s))" in markdown and "| ideal α-helix |" in markdown
+    assert "no correlation given (n = 2, fewer than 10 chains)" in markdown  # never a bare r
+    assert "| predicted (pLDDT/100) | residues |" in markdown
 
 
 def test_overall_aggregations_are_the_named_ones(scored_chains):
@@ -70,9 +74,16 @@ def test_overall_aggregations_are_the_named_ones(scored_chains):
         np.mean([c.lddt.mean_per_residue for c in scored_chains]))
     assert overall["mean_plddt_mean_over_chains"] == pytest.approx(
         np.mean([c.mean_plddt for c in scored_chains[:2]]))
-    x = [c.mean_plddt for c in scored_chains[:2]]
-    y = [c.lddt.mean_per_residue for c in scored_chains[:2]]
-    assert overall["plddt_vs_lddt_ca_mean_per_residue_pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    per_chain = overall["calibration"]["per_chain"]  # 2 chains: too few for a correlation, and it says so
+    assert per_chain["n"] == 2 and per_chain["pearson_r"] is None and "fewer than" in per_chain["caveat"]
+    assert overall["calibration"]["per_residue"]["n"] == 75  # the two chains with pLDDT, every residue scored
+    base = overall["baselines"]
+    assert base["n_chains"] == 3 and base["model"]["lddt_ca"] == overall["lddt_ca_global_pooled_mean_over_chains"]
+    for name in ("helix", "compact"):
+        assert base[name]["lddt_ca"] == pytest.approx(np.mean([c.baselines[name]["lddt_ca"] for c in scored_chains]))
+    better = max(("helix", "compact"), key=lambda b: base[b]["lddt_ca"])
+    assert overall["margins"]["lddt_ca"] == {"better_baseline": better, "baseline": base[better]["lddt_ca"],
+                                             "margin": pytest.approx(base["model"]["lddt_ca"] - base[better]["lddt_ca"])}
 
 
 def test_empty_evaluation_writes_a_valid_report(tmp_path):

@@ -64,6 +64,10 @@ def test_val_split_report_matches_validate(run_dir, tmp_path, capsys):
         assert chain["mean_plddt"] == pytest.approx(float(outputs["plddt"].mean()), rel=1e-6)
     assert any(c["per_residue"]["residue"][0] != "1" for c in report["chains"])  # a window inside a chain
     assert report["failures"] == [] and report["run"]["split"] == "val"
+    # the tiny run trained pLDDT on Cα and never its pTM head: pLDDT is reported, pTM is not
+    assert report["run"]["confidence"]["plddt_head"] == "ca" and not report["run"]["confidence"]["ptm_head_trained"]
+    assert all(c["ptm"] is None and c["mean_plddt"] is not None for c in report["chains"])
+    assert report["overall"]["calibration"]["ptm"] is None and report["overall"]["calibration"]["per_residue"]["n"] > 0
     assert (out / "report.md").read_text().count("## Run") == 1
     assert {"per_residue_lddt_001.png", "plddt_vs_lddt.png"} <= {p.name for p in out.iterdir()}
 

@@ -178,7 +178,7 @@ def test_untrained_plddt_head_writes_zero_b_factors_and_null_plddt(tiny_lorta_ru
     be one, the decision itself being tested above on configs."""
     heads = ConfidenceHeads(None, False, "the run's pLDDT head was never trained (loss.plddt.weight 0)",
                             "the run's pTM head was never trained (loss.tm.weight 0)")
-    monkeypatch.setattr(job_module, "confidence_heads", lambda cfg=None, esmfold=False: heads)
+    monkeypatch.setattr(job_module, "model_heads", lambda model, cfg=None: heads)
     with caplog.at_level(logging.WARNING):
         run = predict_fasta(fasta_file(tmp_path), tiny_lorta_run, tmp_path / "out", merge=False, progress=False,
                             max_tokens_per_batch=1)

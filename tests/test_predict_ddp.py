@@ -58,5 +58,6 @@ def test_torchrun_shards_records_and_rank_0_merges_one_summary(tmp_path):
     for record in single.predicted:
         assert (tmp_path / "ddp" / record["pdb"]).read_text() == (tmp_path / "single" / record["pdb"]).read_text()
         ddp_record = json.loads((tmp_path / "ddp" / record["pdb"].replace(".pdb", ".json")).read_text())
-        for key in ("ptm", "mean_plddt"):
-            assert abs(ddp_record[key] - record[key]) < 1e-6, key
+        assert abs(ddp_record["mean_plddt"] - record["mean_plddt"]) < 1e-6
+        assert ddp_record["ptm"] is None and record["ptm"] is None  # the tiny run never trained its pTM head
+        assert ddp_record["plddt_per_residue"] == record["plddt_per_residue"]

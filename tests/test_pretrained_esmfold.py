@@ -577,3 +577,26 @@ def test_export_script_on_a_trained_run(tiny_lorta_run, tmp_path, capsys):
     run_model, _ = load_trained_model(tiny_lorta_run)
     exported, _ = load_esmfold_checkpoint(out, lm=str(lm_out))
     assert_same(predict(run_model.eval(), False), predict(exported, False), exact=False)
+    # the file says how its heads were trained (here: pLDDT on Cα, pTM never), and prediction from it follows
+    from esmfold_peft.fold.predict import predict_fasta
+    from esmfold_peft.fold.run.confidence import RECORD_KEY, model_heads
+
+    assert torch.load(out, weights_only=False)[RECORD_KEY] == {"plddt_head": "ca", "ptm_head_trained": False}
+    assert (exported.confidence_record["plddt_head"], model_heads(exported).ptm) == ("ca", False)
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">q\nMKTAYIAKQRQISFVKSHF\n")
+    run = predict_fasta(fasta, None, tmp_path / "pred", esmfold=out, lm=lm_out, device="cpu", progress=False)
+    record = run.predicted[0]
+    assert record["ptm"] is None and record["pae"] is None and record["mean_plddt"] is not None
+    summary = json.loads(run.summary_path.read_text())
+    assert summary["confidence"]["plddt_head"] == "ca" and summary["confidence"]["ptm_head_trained"] is False
+
+
+def test_a_damaged_confidence_record_is_named(ckpt, lm_file, tmp_path):
+    from esmfold_peft.fold.run.confidence import RECORD_KEY
+
+    assert load_esmfold_checkpoint(ckpt, lm=lm_file)[0].confidence_record is None  # Meta's files have none
+    path = resave(ckpt, tmp_path, "bad_record.pt", lambda d: d.update({RECORD_KEY: {"plddt_head": "all"}}))
+    with pytest.raises(ArtifactError, match="damaged 'esmfold_peft_confidence' entry") as exc:
+        load_esmfold_checkpoint(path, lm=lm_file)
+    assert str(path) in str(exc.value)

@@ -148,3 +148,46 @@ def test_a_fine_tuning_run_resumes_from_its_slim_checkpoint_exactly(tmp_path):
     assert status == EXIT_OK
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if ".peft." in k)
+
+
+def test_confidence_heads_train_with_the_adapters_and_travel_with_the_run(tmp_path):
+    """model.trainable=confidence: the pLDDT head trains at optim.confidence_lr beside the adapters, counts as
+    trainable, is kept in the slim run's files and in the fair-esm export; the rest of the model stays frozen."""
+    from esmfold_peft.fold.run.esmfold_read import load_esmfold_checkpoint
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
+    from esmfold_peft.fold.train import param_groups
+    from esmfold_peft.runtime.artifacts import load_safetensors
+
+    cfg = frozen_trunk_config(tmp_path, "both", steps=3)
+    cfg.model.trainable, cfg.optim.confidence_lr = "confidence", 1e-3
+    seed_everything(cfg.train.seed)
+    initial = build_model(cfg)
+    init_from_checkpoint(initial, cfg)
+    before = {k: v.clone() for k, v in initial.state_dict().items()}
+    trainable = {n for n, p in initial.named_parameters() if p.requires_grad}
+    heads = {n for n in trainable if n.startswith("lddt_head.")}
+    assert heads and trainable == heads | {n for n in trainable if ".peft." in n}  # pTM head: loss.tm.weight 0
+    counts = parameter_counts(initial)
+    assert counts["trunk_and_heads"] == sum(p.numel() for n, p in initial.named_parameters() if n in heads)
+    groups = param_groups([(n, p) for n, p in initial.named_parameters() if p.requires_grad], cfg)
+    assert [g.get("lr") for g in groups] == [None, 1e-3] and len(groups[1]["params"]) == len(heads)
+
+    status, model = train_model(cfg, tmp_path / "run", progress=False)
+    assert status == EXIT_OK
+    after = model.state_dict()
+    assert all(not torch.equal(after[k], before[k]) for k in heads)  # the head learned
+    assert all(torch.equal(after[k], before[k]) for k in after
+               if k.startswith(("trunk.blocks.", "distogram_head.", "ptm_head.")) and ".peft." not in k)
+    saved = load_safetensors(tmp_path / "run" / "model" / "fold_model.safetensors")
+    assert set(saved) == heads  # the slim run keeps the trained head, nothing frozen
+    loaded, _ = load_trained_model(tmp_path / "run")
+    aa = torch.randint(0, 20, (1, 14), generator=torch.Generator().manual_seed(4))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        expected = model(aa, num_recycles=0)
+        torch.testing.assert_close(loaded(aa, num_recycles=0)["plddt"], expected["plddt"])
+        out = tmp_path / "exported.pt"
+        export_esmfold_checkpoint(loaded, cfg, out, esm_type="esm2_8M", lm_out=tmp_path / "lm.pt")
+        exported, _ = load_esmfold_checkpoint(out, lm=str(tmp_path / "lm.pt"))
+        torch.testing.assert_close(exported.eval()(aa, num_recycles=0)["plddt"], expected["plddt"],
+                                   rtol=1e-4, atol=1e-3)  # adapters merged in the export, the trained head kept

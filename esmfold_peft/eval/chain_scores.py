@@ -19,6 +19,7 @@ import numpy as np
 
 import esmfold_peft.compat  # noqa: F401  (must precede openfold imports)
 from esmfold_peft.data.structures import Chain
+from esmfold_peft.eval.baselines import baseline_scores
 from esmfold_peft.eval.lddt import LDDT_CUTOFF, LddtResult, lddt_ca
 from esmfold_peft.eval.metrics import SuperpositionScores, superposition_scores
 from esmfold_peft.eval.pairing import PairingError, ResiduePairing, pair_residues
@@ -51,6 +52,9 @@ class ChainScores:
             residue, NaN where none; None when the prediction's B-factors are not pLDDT values.
         residue_labels: author number + insertion code of each reference residue ("52", "52A").
         residue_numbers: int64 [length], author numbers of the reference residues.
+        baselines: the sequence-only baselines' scores against the same reference
+            (`eval.baselines.baseline_scores`: {"helix": {...}, "compact": {...}}), or None when not computed.
+        ptm: the prediction's pTM for this chain when the predictor wrote one (predictions.json), else None.
     """
 
     name: str
@@ -67,6 +71,8 @@ class ChainScores:
     plddt: np.ndarray | None
     residue_labels: list[str]
     residue_numbers: np.ndarray
+    baselines: dict | None = None
+    ptm: float | None = None
 
     @property
     def n_scored(self) -> int:
@@ -123,8 +129,9 @@ def plddt_from_b_factors(chain: Chain) -> np.ndarray | None:
     return np.where(has_ca, values, np.nan)
 
 
-def score_chain(pred: Chain, ref: Chain, lddt_cutoff: float = LDDT_CUTOFF) -> ChainScores:
-    """Pair the residues of `pred` and `ref` and compute every metric (see the module docstring).
+def score_chain(pred: Chain, ref: Chain, lddt_cutoff: float = LDDT_CUTOFF, baselines: bool = True) -> ChainScores:
+    """Pair the residues of `pred` and `ref` and compute every metric (see the module docstring), and with
+    `baselines` the sequence-only baselines' scores against the same reference.
 
     Raises PairingError if no reference residue with a Cα is paired to a predicted Cα.
     """
@@ -165,4 +172,5 @@ def score_chain(pred: Chain, ref: Chain, lddt_cutoff: float = LDDT_CUTOFF) -> Ch
         plddt=plddt,
         residue_labels=[f"{num}{code}" for num, code in zip(ref.residue_index, ref.insertion_codes)],
         residue_numbers=np.asarray(ref.residue_index, dtype=np.int64),
+        baselines=baseline_scores(ref_ca, ref_mask, cutoff=lddt_cutoff) if baselines else None,
     )

@@ -14,8 +14,10 @@ folding model, and eval/ never imports fold/ (fold/ builds on eval/).
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -118,6 +120,39 @@ def _score(pred: Chain, ref: Chain, lddt_cutoff: float) -> ChainScores | Evaluat
         return EvaluationFailure(ref.source, str(exc))
 
 
+def predicted_ptm(pred_dir: Path) -> dict[str, list[float]]:
+    """pTM by predicted file name from the `predictions.json` that predict.py wrote beside the files: per chain
+    for a multimer (`ptm_per_chain`), else the one value; records without a pTM (an untrained head) are left
+    out, and so is everything when the file is absent or unreadable (the report then has no pTM)."""
+    try:
+        records = json.loads((pred_dir / "predictions.json").read_text()).get("predictions", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out = {}
+    for r in records if isinstance(records, list) else []:
+        if not isinstance(r, dict) or not isinstance(r.get("pdb"), str):
+            continue
+        values = r.get("ptm_per_chain") if r.get("n_chains", 1) > 1 else [r.get("ptm")]
+        if isinstance(values, list) and values and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                      for v in values):
+            out[r["pdb"]] = [float(v) for v in values]
+    return out
+
+
+def _with_ptm(chains: list[ChainScores], pred_chains: dict[str, list[str]], ptm: dict[str, list[float]]) -> list:
+    """Each chain with its predicted pTM, when predict.py wrote one for its file and chain (`pred_chains`: each
+    predicted file's chain names, in file order)."""
+    out = []
+    for c in chains:
+        name = Path(c.pred_file).name
+        names = pred_chains.get(c.pred_file, [])
+        values = ptm.get(name)
+        if values and c.pred_name in names and len(values) == len(names):
+            c = replace(c, ptm=values[names.index(c.pred_name)])
+        out.append(c)
+    return out
+
+
 def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
                    lddt_cutoff: float = LDDT_CUTOFF, plots: bool = True,
                    progress: bool = True) -> EvaluationRun:
@@ -138,11 +173,13 @@ def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
     file_pairs, failures = match_structure_files(pred, ref)
     ensure_writable_dir(out_dir)
     chain_pairs: list[tuple[Chain, Chain]] = []
+    chain_names: dict[str, list[str]] = {}
     for pred_path, ref_path in Progress.over(file_pairs, "reading", enabled=progress, unit="file"):
         pred_chains = _parse(pred_path, failures)
         ref_chains = _parse(ref_path, failures)
         if pred_chains is None or ref_chains is None:
             continue
+        chain_names[str(pred_path)] = [c.name for c in pred_chains]
         pairs, problems = pair_chains(pred_chains, ref_chains)
         chain_pairs += pairs
         failures += [EvaluationFailure(str(ref_path), p) for p in problems]
@@ -155,5 +192,7 @@ def evaluate_paths(pred: str | Path, ref: str | Path, out_dir: str | Path,
         else:
             chains.append(scored)
 
+    if Path(pred).is_dir():
+        chains = _with_ptm(chains, chain_names, predicted_ptm(Path(pred)))
     files = write_report(chains, out_dir, failures, lddt_cutoff=lddt_cutoff, plots=plots)
     return EvaluationRun(chains=chains, failures=failures, files=files)

@@ -11,6 +11,12 @@ writes it into B-factors). Every aggregate names its aggregation:
 
 A chain whose pairing has low sequence identity or coverage (`chain_scores.MIN_SEQUENCE_IDENTITY`,
 `MIN_COVERAGE`) is flagged: `low_identity_or_coverage` in report.json, ⚠ and a list in report.md.
+
+Beside the model's numbers: the two sequence-only baselines (`eval.baselines`: an ideal α-helix and a
+compact random chain of each reference's length, scored the same way) and the model's margin above the
+better of them; and the calibration of pLDDT (`eval.calibration`: per-chain correlation with its n and
+95% interval, per-residue reliability diagram and expected calibration error), and of pTM against
+TM-score when the predictions came with pTM. A statistic without enough data is replaced by the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, PNGs render with Agg
 
+from esmfold_peft.eval import calibration
+from esmfold_peft.eval.baselines import BASELINES, margin, mean_baselines
 from esmfold_peft.eval.chain_scores import MIN_COVERAGE, MIN_SEQUENCE_IDENTITY, ChainScores
 from esmfold_peft.eval.lddt import LDDT_CUTOFF, LDDT_THRESHOLDS
 from esmfold_peft.eval.metrics import GDT_TS_CUTOFFS
@@ -51,6 +59,15 @@ CONVENTIONS = {
     "lddt_ca_pooled_over_all_pairs": "sum of pair scores over all chains / number of scored pairs over all chains",
     "sequence_identity": "identical residues / paired residues",
     "coverage": "paired residues / reference residues",
+    "baselines": "sequence-only structures scored exactly as the model against the same references: 'helix' an ideal "
+                 "α-helix (rise 1.5 Å, radius 2.3 Å, 100° per residue), 'compact' a self-avoiding random walk with "
+                 "3.8 Å steps scaled to a globule's radius of gyration 2.2·N^0.38 Å (mean over fixed seeds); "
+                 "lddt_ca is the global pooled score",
+    "margins": "the model's mean over chains minus the better baseline's mean over the same chains",
+    "calibration": "per_chain: Pearson and Spearman of chain mean pLDDT/100 against mean per-residue LDDT-Cα, "
+                   "95% interval by Fisher's z, none below the minimum n or spread (caveat says why); per_residue: "
+                   "reliability diagram, 10 bins of pLDDT/100 against mean observed per-residue LDDT-Cα, "
+                   "ECE = Σ (n_bin/n)·|mean predicted − mean observed|; ptm: pTM against TM-score per chain",
     "low_identity_or_coverage": f"sequence_identity < {MIN_SEQUENCE_IDENTITY:g} or coverage < {MIN_COVERAGE:g}: "
                                 "the prediction is probably not of this chain, or covers only part of it",
 }
@@ -86,11 +103,30 @@ def plddt_lddt_points(chains: Sequence[ChainScores]) -> tuple[np.ndarray, np.nda
     return x, y
 
 
-def pearson_r(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Pearson correlation, or None with fewer than 2 points or a constant variable."""
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
+def residue_points(chains: Sequence[ChainScores]) -> tuple[np.ndarray, np.ndarray]:
+    """(pLDDT / 100, observed LDDT-Cα) of every scored residue with both, over all chains with pLDDT."""
+    xs, ys = [np.zeros(0)], [np.zeros(0)]
+    for c in chains:
+        if c.plddt is None:
+            continue
+        keep = c.scored & np.isfinite(c.plddt) & np.isfinite(c.lddt.per_residue)
+        xs.append(c.plddt[keep] / 100.0)
+        ys.append(c.lddt.per_residue[keep])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def calibration_summary(chains: Sequence[ChainScores]) -> dict:
+    """report.json's `calibration`: per-chain correlation, per-residue reliability, pTM against TM-score."""
+    with_ptm = [c for c in chains if c.ptm is not None and math.isfinite(c.ptm)]
+    ptm = None
+    if with_ptm:
+        p = np.array([c.ptm for c in with_ptm])
+        t = np.array([c.superposition.tm_score for c in with_ptm])
+        ptm = {**calibration.correlation(p, t).as_dict(), "mean_ptm": float(p.mean()),
+               "mean_tm_score": float(t.mean()), "mean_absolute_error": float(np.abs(p - t).mean())}
+    return {"per_chain": calibration.correlation(*plddt_lddt_points(chains)).as_dict(),
+            "per_residue": calibration.reliability(*residue_points(chains)).as_dict(),
+            "ptm": ptm}
 
 
 def chain_record(chain: ChainScores) -> dict:
@@ -119,6 +155,8 @@ def chain_record(chain: ChainScores) -> dict:
         "gdt_fractions": {f"{c:g}": f for c, f in sup.gdt_fractions.items()},
         "tm_score": sup.tm_score,
         "mean_plddt": chain.mean_plddt,
+        "ptm": chain.ptm,
+        "baselines": chain.baselines,
         "per_residue": {
             "residue": chain.residue_labels,
             "scored": chain.scored.tolist(),
@@ -131,8 +169,7 @@ def chain_record(chain: ChainScores) -> dict:
 def summarize(chains: Sequence[ChainScores]) -> dict:
     """Overall numbers over chains, each named by its aggregation (module docstring)."""
     n_pairs = sum(c.lddt.n_pairs for c in chains)
-    x, y = plddt_lddt_points(chains)
-    return {
+    summary = {
         "n_chains": len(chains),
         "lddt_ca_global_pooled_mean_over_chains": _mean_or_none([c.lddt.global_pooled for c in chains]),
         "lddt_ca_mean_per_residue_mean_over_chains": _mean_or_none([c.lddt.mean_per_residue for c in chains]),
@@ -142,13 +179,65 @@ def summarize(chains: Sequence[ChainScores]) -> dict:
         "tm_score_mean_over_chains": _mean_or_none([c.superposition.tm_score for c in chains]),
         "mean_plddt_mean_over_chains": _mean_or_none([c.mean_plddt for c in chains]),
         "n_chains_with_plddt": sum(c.plddt is not None for c in chains),
-        "plddt_vs_lddt_ca_mean_per_residue_pearson_r": pearson_r(x, y),
         "n_chains_low_identity_or_coverage": sum(c.low_identity_or_coverage for c in chains),
     }
+    with_baselines = [c for c in chains if c.baselines is not None]
+    if with_baselines:
+        base = mean_baselines([c.baselines for c in with_baselines])
+        model = {"lddt_ca": _mean_or_none([c.lddt.global_pooled for c in with_baselines]),
+                 "tm_score": _mean_or_none([c.superposition.tm_score for c in with_baselines]),
+                 "gdt_ts": _mean_or_none([c.superposition.gdt_ts for c in with_baselines])}
+        summary["baselines"] = {"n_chains": len(with_baselines), "model": model, **base}
+        summary["margins"] = {metric: margin(value, base, metric) for metric, value in model.items()}
+    summary["calibration"] = calibration_summary(chains)
+    return summary
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return format_score(x, digits, missing="–")
+
+
+BASELINE_NAMES = {"helix": "ideal α-helix", "compact": "compact random chain"}
+
+
+def baselines_markdown(summary: dict) -> list[str]:
+    """report.md's baseline table: the model beside the two sequence-only structures, and its margins."""
+    base = summary.get("baselines")
+    if not base:
+        return []
+    rows = [f"## Beside sequence-only baselines ({base['n_chains']} chain(s))", "",
+            "| | LDDT-Cα | TM-score | GDT-TS |", "|---|---:|---:|---:|",
+            "| model | " + " | ".join(_fmt(base["model"][m]) for m in ("lddt_ca", "tm_score", "gdt_ts")) + " |"]
+    rows += [f"| {BASELINE_NAMES[b]} | " + " | ".join(_fmt(base[b][m]) for m in ("lddt_ca", "tm_score", "gdt_ts"))
+             + " |" for b in BASELINES]
+    margins = summary["margins"]
+    rows.append("| **model − better baseline** | " + " | ".join(
+        "–" if margins[m] is None else f"{margins[m]['margin']:+.3f}" for m in ("lddt_ca", "tm_score", "gdt_ts"))
+        + " |")
+    return rows + ["", "A structure that knows only the sequence's length scores the baselines; the margin is what "
+                   "the model adds (LDDT-Cα here is the global pooled score per chain, mean over chains).", ""]
+
+
+def calibration_markdown(cal: dict) -> list[str]:
+    """report.md's calibration section: statements with their sample sizes, or why there are none."""
+    per_chain = calibration.Correlation(**{k: (tuple(v) if k.endswith("ci95") and v else v)
+                                           for k, v in cal["per_chain"].items()})
+    per_residue = calibration.Reliability(**cal["per_residue"])
+    lines = ["## Calibration of pLDDT", ""]
+    if per_residue.n == 0:
+        return lines + ["No pLDDT in the predictions' B-factors: nothing to calibrate.", ""]
+    lines += ["- " + per_chain.text("per chain, mean pLDDT against mean per-residue LDDT-Cα"),
+              "- " + per_residue.text("per residue, pLDDT against LDDT-Cα"), ""]
+    lines += per_residue.table() + [""]
+    if cal.get("ptm"):
+        ptm = cal["ptm"]
+        corr = calibration.Correlation(**{k: (tuple(ptm[k]) if k.endswith("ci95") and ptm[k] else ptm[k])
+                                          for k in calibration.Correlation.__dataclass_fields__})
+        lines += ["## Calibration of pTM", "",
+                  f"- mean pTM {ptm['mean_ptm']:.3f} against mean TM-score {ptm['mean_tm_score']:.3f}, mean absolute "
+                  f"error {ptm['mean_absolute_error']:.3f} over n = {ptm['n']} chains",
+                  "- " + corr.text("per chain, pTM against TM-score"), ""]
+    return lines
 
 
 def markdown_report(summary: dict, chains: Sequence[ChainScores], failures: Sequence[EvaluationFailure],
@@ -170,9 +259,9 @@ def markdown_report(summary: dict, chains: Sequence[ChainScores], failures: Sequ
         f"| GDT-TS, mean over chains | {_fmt(summary['gdt_ts_mean_over_chains'])} |",
         f"| TM-score, mean over chains | {_fmt(summary['tm_score_mean_over_chains'])} |",
         f"| mean pLDDT, mean over {summary['n_chains_with_plddt']} chain(s) with pLDDT | {_fmt(summary['mean_plddt_mean_over_chains'], 1)} |",
-        f"| Pearson r, chain mean pLDDT vs mean per-residue LDDT-Cα | {_fmt(summary['plddt_vs_lddt_ca_mean_per_residue_pearson_r'])} |",
         "",
     ]
+    lines += baselines_markdown(summary) + calibration_markdown(summary["calibration"])
     flagged = [c.similarity_warning() for c in chains if c.low_identity_or_coverage]
     if flagged:
         lines += [f"## ⚠ {len(flagged)} chain(s) with low sequence identity or coverage", ""] + \
@@ -241,7 +330,7 @@ def plot_plddt_vs_lddt(chains: Sequence[ChainScores], path: Path) -> Path | None
     x, y = plddt_lddt_points(chains)
     if len(x) == 0:
         return None
-    r = pearson_r(x, y)
+    corr = calibration.correlation(x, y)
     fig = Figure(figsize=(4.8, 4.5))
     ax = fig.subplots()
     ax.scatter(x, y, s=18, alpha=0.8)
@@ -250,7 +339,8 @@ def plot_plddt_vs_lddt(chains: Sequence[ChainScores], path: Path) -> Path | None
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("predicted: mean pLDDT / 100")
     ax.set_ylabel("true: mean per-residue LDDT-Cα")
-    ax.set_title(f"one point per chain ({len(x)}), Pearson r = {_fmt(r)}", fontsize=10)
+    stat = f"Pearson r = {_fmt(corr.pearson_r)}" if corr.caveat is None else "too few or too alike for a correlation"
+    ax.set_title(f"one point per chain (n = {len(x)}), {stat}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -280,6 +370,10 @@ def write_report(chains: Sequence[ChainScores], out_dir: str | Path,
         scatter = plot_plddt_vs_lddt(chains, out_dir / "plddt_vs_lddt.png")
         if scatter is not None:
             figures.append(scatter)
+        diagram = calibration.plot_reliability(calibration.reliability(*residue_points(chains)),
+                                               out_dir / "plddt_reliability.png")
+        if diagram is not None:
+            figures.append(diagram)
 
     summary = summarize(chains)
     report = {

@@ -29,14 +29,14 @@ from ..runtime.loop import Context, Schedule, StepResult, TrainingTask, run_trai
 from ..runtime.rundir import RunDir
 from ..runtime.session import Dist, autocast_for, step_seed
 from ..runtime.text import finite_or_none
-from .model.build import build_model, parameter_counts
+from .model.build import build_model, parameter_counts, part_of
 from .run.checkpoint import (PretrainedRecord, export_model, load_trained_state, read_checkpoint, restore_pretrained,
                          save_checkpoint, set_rng_state)
 from .run.config import adapter_alpha, check_new_run
 from .model.losses import fold_loss
 from .plots import plot_training_curves
 from .run.resolve import check_resumable_config, finish, stored_form
-from .validate import validate
+from .validate import validate, validation_baselines
 
 log = logging.getLogger("esmfold_peft.train")
 
@@ -266,7 +266,7 @@ class FoldTask(TrainingTask):
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         o = cfg.optim
-        self.optimizer = torch.optim.Adam(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = torch.optim.Adam(param_groups(self.named, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, af2_lr_lambda(cfg))
         self.ema = EMA(self.named, o.ema_decay) if o.ema_decay else None
         self.ddp = (torch.nn.parallel.DistributedDataParallel(
@@ -360,7 +360,16 @@ class FoldTask(TrainingTask):
             "val_lddt_ca_initial": finite_or_none((initial or {}).get("lddt_ca")),
             "val_lddt_ca_final": finite_or_none((final or {}).get("lddt_ca")),
             "val_final": final, "ema": bool(cfg.optim.ema_decay),
+            "val_baselines": self._baselines(),
         }
+
+    def _baselines(self) -> Optional[dict]:
+        """The sequence-only baselines on the validation chains (computed once; the loop adds the margin)."""
+        if getattr(self, "val_ds", None) is None:
+            return None
+        if not hasattr(self, "baselines"):
+            self.baselines = validation_baselines(self.val_ds, self.cfg.data.val_max_chains)
+        return self.baselines
 
     def plot(self, run: RunDir) -> None:
         plot_training_curves(run.path)
@@ -389,6 +398,16 @@ def train_model(cfg: mlc.ConfigDict, out_dir: Path, resume: bool = False, progre
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def param_groups(named: list, cfg: mlc.ConfigDict) -> list[dict]:
+    """The optimizer's parameter groups: one, or with `optim.confidence_lr` the confidence heads in a group of
+    their own at that rate (the scheduler scales both alike)."""
+    rate = float(cfg.optim.get("confidence_lr", 0.0))
+    heads = [p for n, p in named if part_of(n) == "confidence"] if rate else []
+    if not heads:
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for n, p in named if part_of(n) != "confidence"]}, {"params": heads, "lr": rate}]
+
 
 def seed_everything(seed: int) -> None:
     """torch, numpy (openfold initialises with scipy's truncnorm, which draws from numpy) and random."""

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..data.features import collate
+from ..eval.baselines import baseline_scores, mean_baselines
 from ..eval.lddt import lddt_ca_torch
 from ..runtime.progress import Progress
 from ..runtime.session import autocast_for
@@ -69,6 +70,19 @@ def validate(model, dataset, device: torch.device, num_recycles: int = 3, bf16: 
     if keep_outputs:
         summary["outputs"] = outputs
     return summary
+
+
+def validation_baselines(dataset, max_chains: int = 0) -> dict:
+    """The sequence-only baselines' LDDT-Cα on the chains `validate` scores (the same crops and masks), averaged
+    over chains as its headline is: {"n_chains", "helix": {"lddt_ca"}, "compact": {"lddt_ca"}}."""
+    n = len(dataset) if not max_chains else min(max_chains, len(dataset))
+    per_chain = []
+    for i in range(n):
+        feats = dataset[i]
+        ca, mask = feats["all_atom_positions"][:, CA].double().numpy(), feats["all_atom_mask"][:, CA].numpy() > 0
+        if mask.sum() >= 2:
+            per_chain.append(baseline_scores(ca, mask, superpose=False))
+    return {"n_chains": len(per_chain), **mean_baselines(per_chain)}
 
 
 def _mean(values) -> float:

@@ -28,6 +28,7 @@ from ...runtime.rundir import ensure_writable_dir
 from ...runtime.session import resolve_device
 from ...runtime.text import finite_or_none
 from ..run.checkpoint import load_trained_model
+from ..run.confidence import ConfidenceHeads, model_heads
 from ..run.resolve import fill_defaults
 from ..train import build_split
 from ..validate import validate
@@ -54,8 +55,9 @@ def split_dataset(cfg, split: str, progress: bool = True) -> ChainDataset:
 
 
 def _validated_chain_scores(dataset: ChainDataset, index: int, summary: dict, outputs: dict,
-                            source: str) -> ChainScores:
-    """Scores of one validated chain; LDDT-Cα and pLDDT are validate()'s, the rest from its coordinates.
+                            source: str, heads: ConfidenceHeads) -> ChainScores:
+    """Scores of one validated chain; LDDT-Cα, pLDDT and pTM are validate()'s (pLDDT and pTM only from heads
+    that were trained, `heads`), the rest from its coordinates.
 
     The reference is the cached chain, cut to the window validate saw (the crop is found from the
     model residue index, which increases strictly along the chain).
@@ -76,7 +78,8 @@ def _validated_chain_scores(dataset: ChainDataset, index: int, summary: dict, ou
     lddt = LddtResult(global_pooled=summary["lddt_ca"], per_residue=outputs["per_residue_lddt_ca"].double().numpy(),
                       mean_per_residue=summary["lddt_ca_mean_per_residue"], n_pairs=summary["n_pairs"],
                       score_sum=summary["score_sum"])
-    return replace(scores, lddt=lddt, plddt=plddt)
+    return replace(scores, lddt=lddt, plddt=plddt if heads.plddt else None,
+                   ptm=summary["ptm"] if heads.ptm else None)
 
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", checkpoint: str | Path | None = None,
@@ -120,10 +123,11 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
                       max_chains=max_chains, progress=progress, keep_outputs=True)
 
     source = f"{run_dir} ({split} split prediction)"
+    heads = model_heads(model, cfg)
     chains, failures = [], []
     for index, (summary, outputs) in enumerate(zip(result["chains"], result["outputs"])):
         try:
-            chains.append(_validated_chain_scores(dataset, index, summary, outputs, source))
+            chains.append(_validated_chain_scores(dataset, index, summary, outputs, source, heads))
         except ValueError as exc:  # PairingError, or non-finite predicted coordinates
             failures.append(EvaluationFailure(dataset.cache.records[index].path, f"{summary['name']}: {exc}"))
     validation = {k: finite_or_none(result[k]) if isinstance(result[k], float) else result[k]
@@ -132,6 +136,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
     run_info = {"run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None, "split": split,
                 "n_chains_in_split": len(dataset), "max_chains": max_chains, "num_recycles": recycles,
                 "device": str(torch_device), "bf16": bf16, "validation": validation,
+                "confidence": heads.as_dict(),
                 "lddt_source": "per-chain and per-residue LDDT-Ca and pLDDT are esmfold_peft.fold.validate.validate's "
                                "(the function training validates with); RMSD, GDT-TS and TM-score are computed "
                                "from the same predicted coordinates"}

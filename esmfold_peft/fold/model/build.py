@@ -12,7 +12,7 @@ import torch
 from ...adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set, is_adapter_param
 from ...adapters.config import parse_modes
 from ...runtime.errors import ConfigError
-from ..run.config import ADAPTERS, COMPILE_MODES, adapter_alpha, parse_parts
+from ..run.config import ADAPTERS, COMPILE_MODES, adapter_alpha, trained_parts
 from .lm import load_language_model
 from .esmfold import AdaptedESMFold
 
@@ -42,7 +42,9 @@ def part_of(name: str) -> str:
         return "structure_module"
     if name.startswith("trunk."):
         return "trunk"
-    if name.startswith(("distogram_head.", "ptm_head.", "lddt_head.", "lm_head.")):
+    if name.startswith(("ptm_head.", "lddt_head.")):
+        return "confidence"
+    if name.startswith(("distogram_head.", "lm_head.")):
         return "heads"
     return "embeddings"  # esm_s_combine, esm_s_mlp, embedding
 
@@ -54,7 +56,8 @@ def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
     sequence and triangle attention (trunk, one CP tensor per family), or both; base weights under
     an adapter are frozen. none: LM frozen; full: LM trainable. Outside the LM, the parts named in
     `model.trainable` train (embeddings, trunk, structure_module, heads: all of them when the trunk is
-    retrained from scratch, none when a pretrained ESMFold is fine-tuned through adapters).
+    retrained from scratch; none, or only the confidence heads, when a pretrained ESMFold is fine-tuned
+    through adapters).
     Heads that no configured loss trains (the LM head always, pTM when its weight is 0, pLDDT when
     its weight is 0) are frozen, so every trainable parameter gets a gradient (DDP needs that).
     """
@@ -64,7 +67,7 @@ def build_model(cfg: mlc.ConfigDict) -> AdaptedESMFold:
                            checkpoint_blocks=cfg.model.checkpoint_blocks)
     model.lm_description = description
     method, scope = cfg.adapter.method, cfg.adapter.get("scope", "lm")
-    trainable = parse_parts(cfg.model.trainable)
+    trainable = trained_parts(cfg.model.trainable)
     for name, p in model.named_parameters():
         if not name.startswith("esm."):
             p.requires_grad_(part_of(name) in trainable)

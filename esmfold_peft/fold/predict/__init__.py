@@ -56,7 +56,7 @@ directory, and `predictions.json` for the whole file. Conventions:
   (`merge_adapter_checked`); a mismatch beyond the tolerance is an error.
 """
 
-from .confidence import CA_ONLY, PER_ATOM, ConfidenceHeads, confidence_heads, head_trained_in_run
+from ..run.confidence import CA_ONLY, PER_ATOM, ConfidenceHeads, confidence_heads, head_trained_in_run
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      encode_sequences, file_stems, length_batches, model_length, shard_records)
 from .job import PART_FILE, PredictionRun, PredictionWriter, is_out_of_memory, predict_fasta

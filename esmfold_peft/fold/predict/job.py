@@ -21,7 +21,7 @@ from ...runtime.rundir import ensure_writable_dir
 from ...runtime.session import resolve_device, setup_distributed, teardown_distributed, world_size
 from ...runtime.text import finite_or_none
 from ..run.checkpoint import load_trained_model
-from .confidence import ConfidenceHeads, confidence_heads
+from ..run.confidence import ConfidenceHeads, model_heads
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      file_stems, length_batches, model_length, shard_records)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, adapted_parts, bf16_language_model, merge_adapter_checked
@@ -129,7 +129,7 @@ def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], devi
         # lm as text: the loader takes a path (fair-esm .pt, Hugging Face directory) or a fair-esm model name
         model, _ = load_esmfold_checkpoint(Path(esmfold), lm=None if lm is None else str(lm), device=str(device))
         return _Loaded(model, {"run_dir": None, "checkpoint": None, "overrides": [], "esmfold": str(esmfold),
-                               "lm": None if lm is None else str(lm)}, "none", confidence_heads(esmfold=True),
+                               "lm": None if lm is None else str(lm)}, "none", model_heads(model),
                        # esm-fold's default: the trunk's max_recycles passes, i.e. one fewer recycle
                        int(model.trunk.cfg.max_recycles) - 1)
     if lm is not None:
@@ -138,7 +138,7 @@ def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], devi
     model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None, overrides=overrides)
     return _Loaded(model, {"run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
                            "overrides": list(overrides), "esmfold": None, "lm": None},
-                   cfg.adapter.method, confidence_heads(cfg), int(cfg.val.num_recycles))
+                   cfg.adapter.method, model_heads(model, cfg), int(cfg.val.num_recycles))
 
 
 def _part_path(out_dir: Path, rank: int, world: int) -> Path:

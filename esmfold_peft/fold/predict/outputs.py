@@ -18,7 +18,7 @@ import torch
 from ... import compat  # noqa: F401  (must precede openfold imports)
 from ...data.fasta import CHAIN_SEPARATOR
 from ..model.esmfold import CA, predicted_atom37
-from .confidence import CA_ONLY, PDB_REMARKS, PER_ATOM
+from ..run.confidence import CA_ONLY, PDB_REMARKS, PER_ATOM
 from .inputs import encode_sequences, model_length
 
 from openfold.np import protein as of_protein  # noqa: E402

@@ -22,7 +22,9 @@ from ..model.losses import default_loss_config
 
 ADAPTERS = ("lorta", "lora", "none", "full")
 SCOPES = ("lm", "trunk", "both")  # where an adapter goes (adapter.scope)
-PARTS = ("embeddings", "trunk", "structure_module", "heads")  # what model.trainable may name
+# what model.trainable may name; "confidence" is the pLDDT and pTM heads alone, "heads" all heads (confidence included)
+PARTS = ("embeddings", "trunk", "structure_module", "heads", "confidence")
+RETRAIN_PARTS = "embeddings,trunk,structure_module,heads"  # everything: the trunk retrained from scratch
 COMPILE_MODES = ("none", "trunk", "lm", "both")  # what model.compile runs through torch.compile
 
 
@@ -33,6 +35,14 @@ def parse_parts(text: str) -> tuple[str, ...]:
     if bad:
         raise ConfigError(f"model.trainable: unknown part(s) {', '.join(bad)}; choose among {', '.join(PARTS)}")
     return parts
+
+
+def trained_parts(trainable: str) -> frozenset[str]:
+    """The parts `model.trainable` trains, "heads" standing for the confidence heads as well."""
+    parts = set(parse_parts(trainable))
+    if "heads" in parts:
+        parts.add("confidence")
+    return frozenset(parts)
 
 
 def structure_module_config(c_s=384, c_z=128, no_blocks=8, no_heads_ipa=12, c_ipa=16, c_resnet=128,
@@ -65,9 +75,10 @@ def base_config() -> mlc.ConfigDict:
         # torch.compile of each trunk block and/or each LM layer: none | trunk | lm | both (a speed setting;
         # the same parameters and outputs, compiled on first use: see fold/model/build.py set_compile)
         "compile": "none",
-        # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads
-        # (all when the trunk is retrained from scratch; none when a pretrained ESMFold is adapted)
-        "trainable": ",".join(PARTS),
+        # what trains outside the LM and the adapters: embeddings, trunk, structure_module, heads (all of
+        # them when the trunk is retrained from scratch), confidence (the pLDDT and pTM heads alone: calibrating
+        # a pretrained ESMFold's confidence while adapters fine-tune it); "" none
+        "trainable": RETRAIN_PARTS,
         # a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) whose trunk and heads start a new run; "" = none
         "init_from": "",
     })
@@ -86,6 +97,9 @@ def base_config() -> mlc.ConfigDict:
         "warmup_steps": 1000, "decay_start": 50000, "decay_every": 50000, "decay_factor": 0.95,
         "clip_grad_norm": 0.1,
         "ema_decay": 0.0,  # 0 disables EMA; AF2 uses 0.999 (validation then runs on EMA weights)
+        # learning rate of the pLDDT and pTM heads when they train beside adapters (model.trainable=confidence);
+        # 0: optim.lr. Adapter factors usually want a far larger rate than a pretrained head's weights.
+        "confidence_lr": 0.0,
     })
     cfg.train = mlc.ConfigDict({
         "steps": 1000,
@@ -166,6 +180,7 @@ _RANGES = (
     ("optim.decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("optim.clip_grad_norm", lambda v: v > 0, "above 0"),
     ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 disables EMA)"),
+    ("optim.confidence_lr", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: optim.lr)"),
     ("train.steps", lambda v: v >= 1, "at least 1"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("train.effective_batch_size", lambda v: v >= 0, ">= 0 (0 = batch_size × processes)"),
@@ -226,4 +241,4 @@ def check_new_run(cfg: mlc.ConfigDict) -> None:
     if "trunk" not in parse_parts(cfg.model.trainable) and not cfg.model.init_from:
         raise ConfigError("model.trainable leaves the trunk frozen, but model.init_from names no pretrained ESMFold: "
                           "the run would adapt a random trunk (set model.init_from=esmfold_3B_v1.pt, or train the "
-                          "trunk: model.trainable=embeddings,trunk,structure_module,heads)")
+                          f"trunk: model.trainable={RETRAIN_PARTS})")

@@ -45,6 +45,7 @@ from ...adapters import is_adapter_param
 from ...runtime.artifacts import check_tensors, torch_load
 from ...runtime.errors import ArtifactError, ConfigError
 from .config import base_config, structure_module_config, trunk_config
+from .confidence import read_file_record
 from ..model.lm import load_language_model, looks_like_path
 from ..model.esmfold import AdaptedESMFold
 
@@ -152,6 +153,13 @@ def read_esmfold_checkpoint(path: PathLike) -> tuple[dict, dict]:
     Missing, damaged or foreign files, and files whose pickle asks for anything beyond tensors and
     OmegaConf containers, raise an `ArtifactError` naming the file.
     """
+    model_cfg, state, _ = read_esmfold_file(path)
+    return model_cfg, state
+
+
+def read_esmfold_file(path: PathLike) -> tuple[dict, dict, Optional[dict]]:
+    """`read_esmfold_checkpoint`'s two, and the record of how the file's confidence heads were trained (None for
+    files without one, as Meta's; `confidence.read_file_record`)."""
     path = Path(path).expanduser()
     data = _unpickle(path)
     if not isinstance(data, dict):
@@ -178,7 +186,7 @@ def read_esmfold_checkpoint(path: PathLike) -> tuple[dict, dict]:
     if bad:
         raise ArtifactError(path, f"'model' has non-string keys ({_shorten(map(repr, bad))})")
     check_tensors(state, path, allow_integer=_FAIR_ESM_BUFFERS + _OPENFOLD_CONSTANTS)
-    return dict(model_cfg), state
+    return dict(model_cfg), state, read_file_record(data, path)
 
 
 def _typed_like(default, value, path: Path, key: str):
@@ -320,13 +328,14 @@ def load_esmfold_checkpoint(path: PathLike, lm=None, device: Union[str, torch.de
     frozen. `lm` as in `config_from_checkpoint`; offline, give a path.
     """
     path = Path(path).expanduser()
-    model_cfg, state = read_esmfold_checkpoint(path)
+    model_cfg, state, record = read_esmfold_file(path)
     cfg = config_from_checkpoint(path, lm, model_cfg)
     esm_lm, alphabet, description = load_language_model(cfg.model.lm)
     _check_language_model(state, esm_lm, path, model_cfg.get("esm_type") or DEFAULT_ESM_TYPE, description)
     model = AdaptedESMFold(esm_lm, alphabet, cfg.model.trunk, lddt_head_hid_dim=cfg.model.lddt_head_hid_dim)
     model.lm_description = description
     load_esmfold_state(model, state, path)
+    model.confidence_record = record  # how the file's pLDDT and pTM heads were trained (None: Meta's, per atom)
     esm_lm.requires_grad_(False)
     log.info("ESMFold from %s with language model %s", path, description)
     return model.to(device).eval(), cfg
@@ -349,7 +358,7 @@ def init_from_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict) -> None:
     if not source:
         return
     path = Path(str(source)).expanduser()
-    model_cfg, state = read_esmfold_checkpoint(path)
+    model_cfg, state, record = read_esmfold_file(path)
     _check_flags(model_cfg, path)
     theirs = trunk_from_checkpoint(model_cfg, path)
     ours = cfg.model.trunk.to_dict()
@@ -370,4 +379,5 @@ def init_from_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict) -> None:
         raise ConfigError(f"model.init_from={path}: set model.lm to the ESM-2 it was trained with; {exc.fault}") \
             from exc
     load_esmfold_state(model, state, path)
+    model.confidence_record = record  # the heads' provenance travels with them (run.confidence)
     log.info("trunk and heads initialised from %s", path)

@@ -21,6 +21,7 @@ from ...adapters import get_adapter_set, has_adapters, is_adapter_param
 from ...runtime.artifacts import torch_save
 from ...runtime.errors import UserError
 from ..model.esmfold import AdaptedESMFold
+from .confidence import RECORD_KEY, file_record, model_heads
 from .esmfold_read import ESM_TYPES, PathLike
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def export_esmfold_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict, path: 
     """Write `model` as a fair-esm ESMFold checkpoint: `{"cfg": OmegaConf, "model": state dict}`, atomically.
 
     The file holds the trunk, embeddings and heads, with a trunk adapter merged into the trunk's
-    weights, and no language model (as fair-esm's files): fair-esm's `ESMFold` and
+    weights, and no language model (as fair-esm's files), and a record of how its confidence heads were
+    trained (`confidence.RECORD_KEY`; fair-esm ignores it): fair-esm's `ESMFold` and
     `load_esmfold_checkpoint` read it with the ESM-2 its `esm_type` names (default: derived from the
     model's LM by `esm_type_for`, its name taken from `lm_name` or `cfg.model.lm.name`). `cfg` is
     the project config the model was built from (its trunk and lddt_head_hid_dim are written). A model
@@ -149,7 +151,8 @@ def export_esmfold_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict, path: 
     if lm_out is not None:
         written_lm = export_esm2(model.esm, lm_out)
         merged += ["language model"] if has_adapters(model.esm) else []
-    torch_save({"cfg": file_cfg, "model": state}, path)
+    record = file_record(model_heads(model, cfg))  # fair-esm reads "cfg" and "model" only
+    torch_save({"cfg": file_cfg, "model": state, RECORD_KEY: record}, path)
     log.info("wrote %s (fair-esm ESMFold, esm_type %s%s)", path, esm_type,
              f", language model in {written_lm}" if written_lm else "")
     return {"path": str(path), "esm_type": esm_type, "adapters_merged": merged,

@@ -27,7 +27,7 @@ from .config import PATH_KEYS, RESUME_FREE, USE_FREE, base_config, check_config,
 SECTIONS = ("model", "adapter", "loss", "optim", "train", "data", "val")
 # keys newer than the first runs: a stored config without them takes the default
 ADDED_LATER = ("model.lm.sdpa", "model.lm.storage_dtype", "model.trainable", "model.init_from", "adapter.scope",
-               "model.compile", "train.keep", "train.loggers")
+               "model.compile", "train.keep", "train.loggers", "optim.confidence_lr")
 
 
 def fill_defaults(cfg: mlc.ConfigDict) -> None:

@@ -11,13 +11,13 @@ B-factors 0.00 and null in the JSON, its pTM and PAE not at all.
 
 Where a head comes from (`confidence_heads`):
 
-* `--esmfold` (a fair-esm ESMFold file): both heads as trained with that file, the lDDT head per
-  atom. (A file exported by `scripts/export_esmfold.py` from a run trained here holds that run's
-  heads; the file does not say how they were trained, and it is read as Meta's would be.)
+* `--esmfold` (a fair-esm ESMFold file): both heads as the file's record says (`RECORD_KEY`, written by
+  `scripts/export_esmfold.py`: the exported run's heads), and without a record (Meta's files) as trained
+  by Meta: the lDDT head per atom, the pTM head trained;
 * a run that trained the head (its loss weight > 0 and the head in `model.trainable`,
-  `head_trained_in_run`): pLDDT on Cα only; pTM trained.
+  `head_trained_in_run`): pLDDT on Cα only; pTM trained;
 * a run started from a pretrained ESMFold (`model.init_from`) that did not train the head: the
-  pretrained file's head, unchanged: pLDDT per atom; pTM trained.
+  pretrained file's head, unchanged, as that file's record says (or Meta's, without one);
 * otherwise (a run from scratch that did not train the head): never trained.
 """
 
@@ -26,12 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..run.config import parse_parts
+from ...runtime.errors import ArtifactError
+from .config import trained_parts
 
 PER_ATOM = "per_atom"  # the lDDT head was trained on all 37 atom slots (fair-esm's ESMFold)
 CA_ONLY = "ca"  # trained on the Cα slot only (this project's pLDDT-Cα loss)
-# model.trainable names that cover the lDDT and pTM heads ("confidence": those two heads alone)
-CONFIDENCE_PARTS = frozenset({"heads", "confidence"})
+RECORD_KEY = "esmfold_peft_confidence"  # a fair-esm ESMFold file's entry saying how its heads were trained
 _LOSS_OF_HEAD = {"lddt_head": "plddt", "ptm_head": "tm"}  # the loss term (cfg.loss.<term>.weight) of each head
 
 # predictions.json's confidence.b_factors, by plddt head
@@ -100,7 +100,7 @@ def head_trained_in_run(cfg, head: str) -> bool:
     """Whether a run's training updated `head` ("lddt_head" or "ptm_head"): its loss weight > 0 and the head
     trainable (`model.trainable` names "heads" or "confidence"). The one place that reads this from a config."""
     weight = float(cfg.loss[_LOSS_OF_HEAD[head]].weight)
-    return weight > 0 and bool(CONFIDENCE_PARTS & set(parse_parts(cfg.model.trainable)))
+    return weight > 0 and "confidence" in trained_parts(cfg.model.trainable)
 
 
 def _why_not(cfg, head: str) -> str:
@@ -110,24 +110,58 @@ def _why_not(cfg, head: str) -> str:
     return "model.trainable did not include the heads, and the run did not start from a pretrained ESMFold"
 
 
-def confidence_heads(cfg=None, *, esmfold: bool = False) -> ConfidenceHeads:
-    """The confidence heads of a run (its config `cfg`) or of a fair-esm ESMFold file (`esmfold`); module docstring."""
+def file_record(heads: ConfidenceHeads) -> dict:
+    """What an exported ESMFold file records of its heads (under `RECORD_KEY`)."""
+    return {"plddt_head": heads.plddt, "ptm_head_trained": heads.ptm}
+
+
+def read_file_record(data: dict, path) -> Optional[dict]:
+    """The record of a fair-esm ESMFold file's unpickled dict, checked; None when it has none (Meta's files)."""
+    record = data.get(RECORD_KEY)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("plddt_head") not in B_FACTORS or \
+            not isinstance(record.get("ptm_head_trained"), bool):
+        raise ArtifactError(path, f"damaged {RECORD_KEY!r} entry (needs plddt_head per_atom, ca or None, and "
+                                  "ptm_head_trained true or false)")
+    return {"plddt_head": record["plddt_head"], "ptm_head_trained": record["ptm_head_trained"]}
+
+
+def _file_heads(record: Optional[dict], what: str) -> tuple[tuple, tuple]:
+    """((plddt, reason), (ptm, reason)) of the heads an ESMFold file holds."""
+    if record is None:
+        return ((PER_ATOM, f"{what} lDDT head (per atom, as Meta's ESMFold files)"), (True, f"{what} pTM head"))
+    plddt, ptm = record["plddt_head"], record["ptm_head_trained"]
+    return ((plddt, f"{what} lDDT head ({'never trained' if plddt is None else plddt.replace('_', ' ')}, as the "
+                    "file records)"),
+            (ptm, f"{what} pTM head ({'trained' if ptm else 'never trained'}, as the file records)"))
+
+
+def confidence_heads(cfg=None, *, esmfold: bool = False, record: Optional[dict] = None) -> ConfidenceHeads:
+    """The confidence heads of a run (its config `cfg`) or of a fair-esm ESMFold file (`esmfold`); `record`: the
+    ESMFold file's record (`read_file_record`: the --esmfold file's, or the run's model.init_from's); module
+    docstring."""
     if esmfold:
-        return ConfidenceHeads(PER_ATOM, True, "the fair-esm ESMFold checkpoint's lDDT head (per atom)",
-                               "the fair-esm ESMFold checkpoint's pTM head")
+        (plddt, why_plddt), (ptm, why_ptm) = _file_heads(record, "the ESMFold file's")
+        return ConfidenceHeads(plddt, ptm, why_plddt, why_ptm)
     if cfg is None:
         raise ValueError("confidence_heads needs a run's config, or esmfold=True")
-    pretrained = bool(cfg.model.get("init_from"))
+    pretrained = _file_heads(record, "the pretrained ESMFold's (model.init_from), not trained in the run:") \
+        if cfg.model.get("init_from") else None
     if head_trained_in_run(cfg, "lddt_head"):
-        plddt, reason_plddt = CA_ONLY, "trained in the run by the pLDDT-Cα loss (loss.plddt.weight > 0), Cα only"
-    elif pretrained:
-        plddt, reason_plddt = PER_ATOM, "the pretrained ESMFold's lDDT head (model.init_from), not trained in the run"
+        plddt = (CA_ONLY, "trained in the run by the pLDDT-Cα loss (loss.plddt.weight > 0), Cα only")
     else:
-        plddt, reason_plddt = None, f"the run's pLDDT head was never trained ({_why_not(cfg, 'lddt_head')})"
+        plddt = pretrained[0] if pretrained else (None, f"the run's pLDDT head was never trained "
+                                                        f"({_why_not(cfg, 'lddt_head')})")
     if head_trained_in_run(cfg, "ptm_head"):
-        ptm, reason_ptm = True, "trained in the run (loss.tm.weight > 0)"
-    elif pretrained:
-        ptm, reason_ptm = True, "the pretrained ESMFold's pTM head (model.init_from), not trained in the run"
+        ptm = (True, "trained in the run (loss.tm.weight > 0)")
     else:
-        ptm, reason_ptm = False, f"the run's pTM head was never trained ({_why_not(cfg, 'ptm_head')})"
-    return ConfidenceHeads(plddt, ptm, reason_plddt, reason_ptm)
+        ptm = pretrained[1] if pretrained else (False, f"the run's pTM head was never trained "
+                                                       f"({_why_not(cfg, 'ptm_head')})")
+    return ConfidenceHeads(plddt[0], ptm[0], plddt[1], ptm[1])
+
+
+def model_heads(model, cfg=None) -> ConfidenceHeads:
+    """The confidence heads of a loaded model: a run's (its config `cfg`) or, with `cfg` None, an ESMFold file's;
+    the file record the loader kept on the model (`confidence_record`) is used where the heads came from a file."""
+    return confidence_heads(cfg, esmfold=cfg is None, record=getattr(model, "confidence_record", None))
