@@ -376,3 +376,6 @@ def test_a_demo_search_whose_first_alphas_really_diverge_halves_and_continues(tm
     chosen = [c for c in state["candidates"] if c["alpha"] == state["chosen"]["alpha"]][0]
     assert not chosen["diverged"] and chosen["status"] == "completed" and chosen["val_lddt_ca_final"] is not None
     assert (out / alpha_dir_name(chosen["alpha"]) / "adapter" / "adapter_config.json").is_file()
+    assert chosen["val_baselines"]["n_chains"] == 1  # the chosen run beside the sequence-only baselines
+    assert "Beside structures built from the length alone on the same 1 validation chain(s)" in \
+        (out / "search.md").read_text()

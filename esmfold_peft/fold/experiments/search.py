@@ -216,6 +216,7 @@ def candidate_record(alpha: float, rank: int, stage: int, run_dir: str, summary:
         "divergence_rule": divergence.get("rule"), "divergence_step": divergence.get("step"),
         "val_lddt_ca_initial": summary.get("val_lddt_ca_initial"),
         "val_lddt_ca_final": summary.get("val_lddt_ca_final"),
+        "val_baselines": summary.get("val_baselines"),
         "trainable_parameters": summary["trainable_parameters"],
         "steps": summary["steps"], "target_steps": summary.get("target_steps"),
         "wall_time_s": summary["wall_time_s"],

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ...adapters import METHODS
+from ...eval.baselines import margin_text
 from ...runtime.errors import COMPLETED, DIVERGED, INTERRUPTED, RUNNING  # noqa: F401  (the statuses used here too)
 from ...runtime.text import format_count, format_score, markdown_table
 
@@ -71,6 +72,16 @@ def search_result_text(state: dict) -> str:
     return f"{state['status']}: run the same command again to resume"
 
 
+def baselines_line(records: Sequence[dict], value: Optional[float]) -> list[str]:
+    """A report line on the sequence-only baselines of the runs' validation chains, with `value`'s margin above
+    the better one (every run of a search or sweep validates on the same chains); none without baselines."""
+    base = next((r.get("val_baselines") for r in records if r.get("val_baselines")), None)
+    if not base or value is None:
+        return []
+    return [f"* Beside structures built from the length alone on the same {base['n_chains']} validation chain(s) "
+            f"(docs/method.md), the best {margin_text(value, base)}."]
+
+
 def search_markdown(state: dict) -> str:
     chosen = state["chosen"]
     no_alpha = (f"all diverged (α ≥ {fmt_alpha(state['floor'])})" if state["status"] == ALL_DIVERGED
@@ -84,6 +95,7 @@ def search_markdown(state: dict) -> str:
         f"* Choice: {state['choice_rule']}.",
         f"* Divergence (the trainer's rule): {state['divergence_rule']}.",
         f"* Training wall time, all candidates: {state['wall_time_s']:.1f} s.",
+        *baselines_line(state["candidates"], chosen["val_lddt_ca_final"] if chosen else None),
         "",
         "## Selected (paper Table 6 form)",
         "",
@@ -122,6 +134,8 @@ def sweep_markdown(state: dict) -> str:
         f"* α: {alpha_line}; status: {state['status']}.",
         f"* Training wall time, all runs: {state.get('wall_time_s', 0.0):.1f} s.",
         "* Validation LDDT-Cα: final, OpenFold convention (pooled per chain, averaged over chains).",
+        *baselines_line(entries, max((e["val_lddt_ca_final"] for e in entries if e["val_lddt_ca_final"] is not None),
+                                     default=None)),
         "",
         "## Paper Table 6 form",
         "",

@@ -63,6 +63,7 @@ def entry_from_run(adapter: str, rank: Optional[int], alpha: Optional[float], ru
         "divergence_rule": divergence.get("rule"),
         "val_lddt_ca_initial": summary.get("val_lddt_ca_initial"),
         "val_lddt_ca_final": summary.get("val_lddt_ca_final"),
+        "val_baselines": summary.get("val_baselines"),
         "trainable_parameters": summary["trainable_parameters"], "wall_time_s": summary["wall_time_s"],
         "run_dir": run_dir,
     }
@@ -81,6 +82,7 @@ def entry_from_search(state: dict, search_dir: str) -> dict:
         "divergence_rule": None if best else shown["divergence_rule"],
         "val_lddt_ca_initial": shown["val_lddt_ca_initial"],
         "val_lddt_ca_final": best["val_lddt_ca_final"] if best else None,
+        "val_baselines": shown.get("val_baselines"),
         "trainable_parameters": shown["trainable_parameters"], "wall_time_s": state["wall_time_s"],
         "run_dir": f"{search_dir}/{best['run_dir']}" if best else None, "search_dir": search_dir,
     }
