@@ -250,6 +250,8 @@ def test_pretrained_heads_give_per_atom_b_factors_and_ptm_iptm_pae(finetuned_run
     # the PAE file is written, as before
     pae = np.load(tmp_path / "out" / dimer["pae"])["pae"]
     assert pae.shape == (len(chain), len(chain)) and dimer["max_predicted_aligned_error"] > 0
+    pae_json = json.loads((tmp_path / "out" / dimer["pae_json"]).read_text())  # AlphaFold DB's format
+    np.testing.assert_allclose(pae_json[0]["predicted_aligned_error"], pae.astype(np.float64), atol=0.02)
     summary = json.loads(run.summary_path.read_text())
     assert summary["confidence"]["plddt_head"] == "per_atom" and summary["ptm_head_trained"] is True
     assert "model.init_from" in summary["confidence"]["reason_plddt"]

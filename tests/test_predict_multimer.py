@@ -264,7 +264,7 @@ def test_esmfold_checkpoint_is_loaded_through_the_pretrained_loader(run_dir, tmp
     assert summary["confidence"]["plddt_head"] == "per_atom" and summary["ptm_head_trained"] is True
     record = summary["predictions"][0]
     assert 0 < record["iptm"] <= 1 and len(record["ptm_per_chain"]) == 2 and (tmp_path / "o" / record["pae"]).is_file()
-    assert "wrote 1 structure(s) (.pdb + .pae.npz + .json each)" in capsys.readouterr().out
+    assert "wrote 1 structure(s) (.pdb + .pae.npz + .pae.json + .json each)" in capsys.readouterr().out
 
 
 # --- a tiny fair-esm ESMFold checkpoint: our predictions against fair-esm's own esm-fold path ----

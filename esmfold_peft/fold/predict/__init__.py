@@ -4,8 +4,11 @@
     run = predict_fasta("seqs.fasta", None, "predictions/", esmfold="esmfold_3B_v1.pt", lm="esm2_t36_3B_UR50D.pt")
 
 For each usable FASTA record (see `esmfold_peft.data.fasta` for what is accepted) it writes
-`<stem>.pdb`, `<stem>.json` and `<stem>.pae.npz` (only when the pTM head was trained) into the output
-directory, and `predictions.json` for the whole file. Conventions:
+`<stem>.pdb` (or `<stem>.cif`, mmCIF, with `structure_format="cif"`), `<stem>.json`, and `<stem>.pae.npz` with
+`<stem>.pae.json` (only when the pTM head was trained) into the output directory, and for the whole file
+`predictions.json` and `summary.tsv` (one row per FASTA record: id, length, chains, adapter, mean_plddt, ptm,
+seconds, status). Each predicted record gets esm-fold's line on stderr (`record_line`, logged at INFO on
+rank 0). Conventions:
 
 * PDB: chains A, B, ... (one per chain of an `A:B` record; a monomer is chain A), each chain's
   residues numbered from 1, every heavy atom the residue type has (atom37 from the structure
@@ -38,6 +41,14 @@ directory, and `predictions.json` for the whole file. Conventions:
 * `<stem>.pae.npz`: `pae`, the predicted aligned error in Å (float16 [L, L], row i = residue
   aligned on, column j = residue scored, L = residues without linkers), `chain_index` (int8 [L]) and
   `max_predicted_aligned_error` (the largest value the head can predict, also in the JSON);
+* `<stem>.pae.json`: the same PAE in AlphaFold DB's format, `[{"predicted_aligned_error": [[...]],
+  "max_predicted_aligned_error": 31.75}]`, values rounded to 2 decimals;
+* mmCIF (`structure_format="cif"`): the PDB text converted by Biopython (PDBParser, MMCIFIO): the same
+  atoms, coordinates, chain ids and B-factors; the PDB's REMARK lines become comment lines;
+* continuing a job (`skip_existing`): each record's JSON holds `inputs`, the sha256 of its sequence, the
+  model's source (paths made absolute), the recycles and the format (`inputs_fingerprint`); a record whose
+  JSON has the same id and fingerprint and whose files exist is kept, its summary reused. Without it, a
+  rerun replaces the files;
 * `<stem>` is the record id made filesystem-safe (`file_stems`);
 * batches: records are sorted by length and packed while (sequences × longest length, linkers
   included) stays within the token budget (`max_tokens_per_batch`); shorter sequences are padded and
@@ -57,15 +68,20 @@ directory, and `predictions.json` for the whole file. Conventions:
 """
 
 from ..run.confidence import CA_ONLY, PER_ATOM, ConfidenceHeads, confidence_heads, head_trained_in_run
+from .files import TSV_COLUMNS, TSV_FILE, inputs_fingerprint, record_line, reusable_summary, summary_tsv
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      encode_sequences, file_stems, length_batches, model_length, shard_records)
-from .job import PART_FILE, PredictionRun, PredictionWriter, is_out_of_memory, predict_fasta
+from .job import (PART_FILE, PredictionInterrupted, PredictionRun, PredictionWriter, is_out_of_memory, predict_fasta,
+                  too_long_reason)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, MergeMismatchError, merge_adapter_checked
-from .outputs import PAE_SUFFIX, Prediction, chain_ptms, interface_ptm, linker_masked_ptm, predict_sequences
+from .outputs import (PAE_JSON_SUFFIX, PAE_SUFFIX, STRUCTURE_FORMATS, Prediction, chain_ptms, interface_ptm,
+                      linker_masked_ptm, pdb_to_mmcif, predict_sequences)
 
-__all__ = ["CA_ONLY", "CHAIN_LINKER", "DEFAULT_MAX_TOKENS", "DEFAULT_MERGE_TOLERANCE", "PAE_SUFFIX", "PART_FILE",
-           "PER_ATOM", "RESIDUE_INDEX_OFFSET", "SUMMARY_FILE", "ConfidenceHeads", "MergeCheck", "MergeMismatchError",
-           "Prediction", "PredictionError", "PredictionRun", "PredictionWriter", "chain_ptms", "confidence_heads",
-           "encode_sequences", "file_stems", "head_trained_in_run", "interface_ptm", "is_out_of_memory",
-           "length_batches", "linker_masked_ptm", "merge_adapter_checked", "model_length", "predict_fasta",
-           "predict_sequences", "shard_records"]
+__all__ = ["CA_ONLY", "CHAIN_LINKER", "DEFAULT_MAX_TOKENS", "DEFAULT_MERGE_TOLERANCE", "PAE_JSON_SUFFIX", "PAE_SUFFIX",
+           "PART_FILE", "PER_ATOM", "RESIDUE_INDEX_OFFSET", "STRUCTURE_FORMATS", "SUMMARY_FILE", "TSV_COLUMNS",
+           "TSV_FILE", "ConfidenceHeads", "MergeCheck", "MergeMismatchError", "Prediction", "PredictionError",
+           "PredictionInterrupted", "PredictionRun", "PredictionWriter", "chain_ptms", "confidence_heads",
+           "encode_sequences", "file_stems", "head_trained_in_run", "inputs_fingerprint", "interface_ptm",
+           "is_out_of_memory", "length_batches", "linker_masked_ptm", "merge_adapter_checked", "model_length",
+           "pdb_to_mmcif", "predict_fasta", "predict_sequences", "record_line", "reusable_summary", "shard_records",
+           "summary_tsv", "too_long_reason"]

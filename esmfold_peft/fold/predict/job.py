@@ -3,6 +3,7 @@ predictions.json (the module docstring of `esmfold_peft.fold.predict` has the co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,19 +14,21 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ...atomic import atomic_write, write_json_atomic
-from ...data.fasta import CHAIN_SEPARATOR, BadRecord, SequenceRecord, read_fasta
+from ...data.fasta import CHAIN_SEPARATOR, BadRecord, FastaContents, SequenceRecord, read_fasta
 from ...runtime.progress import Progress
 from ...runtime.rundir import ensure_writable_dir
 from ...runtime.session import resolve_device, setup_distributed, teardown_distributed, world_size
-from ...runtime.text import finite_or_none
 from ..run.checkpoint import load_trained_model
 from ..run.confidence import ConfidenceHeads, model_heads
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      file_stems, length_batches, model_length, shard_records)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, adapted_parts, bf16_language_model, merge_adapter_checked
-from .outputs import PAE_SUFFIX, Prediction, predict_sequences
+from .files import (TSV_FILE, failure_line, inputs_fingerprint, record_line, record_summary, reusable_summary,
+                    summary_tsv, write_record_files)
+from .outputs import PAE_JSON_SUFFIX, PAE_SUFFIX, STRUCTURE_FORMATS, Prediction, predict_sequences
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class PredictionRun:
         merge_check: the merged-vs-unmerged check, or None when nothing was merged (under
             torchrun: the largest deviations over the processes' checks).
         confidence: what the model's confidence heads are (what the pLDDT, pTM and PAE written mean).
+        n_reused: records kept from an earlier job (`skip_existing`; they are in `predicted` too).
+        structure_format: "pdb" or "cif", the structure files written.
     """
 
     out_dir: Path
@@ -53,10 +58,47 @@ class PredictionRun:
     failures: list[BadRecord] = field(default_factory=list)
     merge_check: Optional[MergeCheck] = None
     confidence: Optional[ConfidenceHeads] = None
+    n_reused: int = 0
+    structure_format: str = "pdb"
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def tsv_path(self) -> Path:
+        """`summary.tsv`, one row per FASTA record."""
+        return self.out_dir / TSV_FILE
+
+
+class PredictionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during prediction, after predictions.json (status "interrupted") and summary.tsv were written for what
+    was done. A KeyboardInterrupt still (what ends a job on Ctrl-C ends it on this), with what a message needs:
+    `out_dir`, `n_predicted` (records whose files are there, `n_reused` of them from an earlier job) of `n_records`
+    usable records; under torchrun the counts are rank 0's merge of the parts it could read (0 on other ranks)."""
+
+    def __init__(self, out_dir: Path, n_predicted: int, n_reused: int, n_records: int):
+        super().__init__(f"interrupted after {n_predicted} of {n_records} record(s)")
+        self.out_dir, self.n_predicted, self.n_reused, self.n_records = out_dir, n_predicted, n_reused, n_records
+
+
+def too_long_reason(n_residues: int, n_chains: int, max_length: int) -> str:
+    """Why a record longer than `max_length` is not predicted, naming the flag that changes it."""
+    in_chains = f" in {n_chains} chains" if n_chains > 1 else ""
+    return (f"{n_residues} residues{in_chains}, more than --max-length {max_length} (raise it, or --max-length 0 "
+            "for no limit)")
+
+
+def _reject_too_long(contents: FastaContents, max_length: Optional[int]) -> FastaContents:
+    """The records longer than `max_length` residues (all chains) moved to the rejected ones, in file order."""
+    if not max_length:
+        return contents
+    long = [r for r in contents.records if len(r) > max_length]
+    if not long:
+        return contents
+    bad = contents.bad + [BadRecord(r.id, too_long_reason(len(r), len(r.chains), max_length), r.line) for r in long]
+    return FastaContents(contents.path, [r for r in contents.records if len(r) <= max_length],
+                         sorted(bad, key=lambda b: b.line))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -86,25 +128,6 @@ def _predict_or_split(model, records: list[SequenceRecord], device: torch.device
         half = len(records) // 2
         return (_predict_or_split(model, records[:half], device, num_recycles)
                 + _predict_or_split(model, records[half:], device, num_recycles))
-
-
-def _record_summary(record: SequenceRecord, prediction: Prediction, stem: str, num_recycles: int,
-                    heads: ConfidenceHeads) -> dict:
-    """A record's `<stem>.json`: numbers of a head that was never trained are null (`heads`), the PAE file too."""
-    plddt, ptm = heads.plddt is not None, heads.ptm
-    return {"id": record.id, "description": record.description, "length": len(record),
-            "n_chains": len(record.chains), "chain_lengths": [len(c) for c in record.chains],
-            "mean_plddt": prediction.mean_plddt if plddt else None,
-            "plddt_per_residue": [round(float(v), 2) for v in prediction.plddt] if plddt else None,
-            "ptm": finite_or_none(prediction.ptm) if ptm else None,
-            "ptm_per_chain": [finite_or_none(v) for v in prediction.ptm_per_chain] if ptm else None,
-            "iptm": finite_or_none(prediction.iptm) if ptm else None,
-            "max_predicted_aligned_error": finite_or_none(prediction.max_pae) if ptm else None,
-            "seconds": prediction.seconds, "batch_size": prediction.batch_size, "num_recycles": num_recycles,
-            "pdb": f"{stem}.pdb", "pae": f"{stem}{PAE_SUFFIX}" if ptm else None,
-            "substitutions": record.substitutions, "sequence": record.sequence}
-
-
 
 
 @dataclass
@@ -160,7 +183,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                   device: Optional[str] = None, max_length: Optional[int] = 1000,
                   max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, chunk_size: Optional[int] = None,
                   merge: bool = True, merge_tolerance: float = DEFAULT_MERGE_TOLERANCE,
-                  progress: bool = True, overrides: Sequence[str] = ()) -> PredictionRun:
+                  progress: bool = True, overrides: Sequence[str] = (), structure_format: str = "pdb",
+                  skip_existing: bool = False) -> PredictionRun:
     """Predict every usable record of a FASTA file and write the files (module docstring).
 
     Args:
@@ -175,7 +199,7 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             the trunk's max_recycles passes).
         device: 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available (under torchrun, each
             process's own GPU).
-        max_length: most residues accepted per record (longer records are rejected); None for no limit.
+        max_length: most residues accepted per record (longer records are rejected); None or 0 for no limit.
         max_tokens_per_batch: token budget per batch (sequences × longest, linkers included).
         chunk_size: chunk the trunk's triangular attention (None: the model's setting, by default unchunked).
         merge: merge the adapter into the language model (checked on the first batch).
@@ -183,8 +207,12 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
         progress: show a progress bar (rank 0 only under torchrun).
         overrides: `key=value` changes to the run's config, e.g. `model.lm.path=…` for a moved
             language model.
+        structure_format: "pdb" (`<stem>.pdb`) or "cif" (`<stem>.cif`, mmCIF: the same atoms and B-factors).
+        skip_existing: keep a record whose `<stem>.json` was written from the same sequence, model source,
+            recycles and format, with its files there (its summary is reused); others are predicted again.
 
-    `predictions.json` is always written, atomically, for what was done, also when interrupted.
+    `predictions.json` and `summary.tsv` are always written, atomically, for what was done, also when
+    interrupted (then `PredictionInterrupted`, a KeyboardInterrupt, is raised with the counts).
     What the confidence numbers mean follows the model's heads (`confidence_heads`); those of a head
     that was never trained are not written, and the job logs one warning saying why.
     Raises FastaError (unusable FASTA file), CheckpointError and friends (unusable run or
@@ -192,15 +220,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
     (merging changed the outputs). Problems with single records end up in `PredictionRun.failures`.
     """
     started = time.perf_counter()
-    if (run_dir is None) == (esmfold is None):
-        raise PredictionError("predict with either a training run or an ESMFold checkpoint (exactly one of them)")
-    if num_recycles is not None and num_recycles < 0:
-        raise PredictionError(f"num_recycles must be >= 0, got {num_recycles}")
-    if chunk_size is not None and chunk_size < 1:
-        raise PredictionError(f"chunk_size must be >= 1, got {chunk_size}")
-    if max_tokens_per_batch < 1:
-        raise PredictionError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
-    contents = read_fasta(fasta, max_length=max_length)
+    _check_arguments(run_dir, esmfold, num_recycles, chunk_size, max_tokens_per_batch, max_length, structure_format)
+    contents = _reject_too_long(read_fasta(fasta), max_length)
     world = world_size()
     own_group = False
     if world > 1:
@@ -214,9 +235,10 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
     try:
         run = _predict(contents, fasta, run_dir, out_dir, checkpoint=checkpoint, esmfold=esmfold, lm=lm,
                        num_recycles=num_recycles, torch_device=torch_device, rank=rank, world=world,
-                       max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, chunk_size=chunk_size,
-                       merge=merge, merge_tolerance=merge_tolerance, progress=progress, overrides=overrides,
-                       started=started)
+                       max_tokens_per_batch=max_tokens_per_batch, chunk_size=chunk_size, merge=merge,
+                       merge_tolerance=merge_tolerance, progress=progress, overrides=overrides, started=started,
+                       settings={"max_length": max_length or None, "max_tokens_per_batch": max_tokens_per_batch,
+                                 "format": structure_format, "skip_existing": bool(skip_existing)})
         finished = True
         return run
     finally:
@@ -224,9 +246,35 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             teardown_distributed(synchronize=finished)
 
 
+def _check_arguments(run_dir, esmfold, num_recycles, chunk_size, max_tokens_per_batch, max_length,
+                     structure_format) -> None:
+    if (run_dir is None) == (esmfold is None):
+        raise PredictionError("predict with either a training run or an ESMFold checkpoint (exactly one of them)")
+    if num_recycles is not None and num_recycles < 0:
+        raise PredictionError(f"num_recycles must be >= 0, got {num_recycles}")
+    if chunk_size is not None and chunk_size < 1:
+        raise PredictionError(f"chunk_size must be >= 1, got {chunk_size}")
+    if max_tokens_per_batch < 1:
+        raise PredictionError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    if max_length is not None and max_length < 0:
+        raise PredictionError(f"max_length must be >= 0 (0: no limit), got {max_length}")
+    if structure_format not in STRUCTURE_FORMATS:
+        raise PredictionError(f"structure format must be one of {', '.join(STRUCTURE_FORMATS)}, got "
+                              f"{structure_format!r}")
+
+
+def _source_key(source: dict) -> dict:
+    """The model's source for the inputs fingerprint: paths made absolute (the same run named from elsewhere)."""
+    key = dict(source)
+    for name in ("run_dir", "checkpoint", "esmfold", "lm"):
+        if key.get(name) is not None and (name != "lm" or Path(key[name]).exists()):
+            key[name] = os.path.abspath(key[name])
+    return key
+
+
 class PredictionWriter:
-    """What one process writes: each record's files (PDB, PAE, JSON), its share of predictions.json, and on
-    rank 0 under torchrun the merged predictions.json of every process's share."""
+    """What one process writes: each record's files (structure, PAE, JSON), its share of predictions.json, and on
+    rank 0 (under torchrun: merging every process's share) predictions.json and summary.tsv."""
 
     def __init__(self, out_dir: Path, fasta, contents, mine: list, loaded: "_Loaded", settings: dict,
                  rank: int, world: int, device, started: float):
@@ -235,33 +283,62 @@ class PredictionWriter:
         self.order = {r.id: i for i, r in enumerate(contents.records)}
         self.stems = dict(zip((r.id for r in contents.records), file_stems([r.id for r in contents.records])))
         self.summaries: dict[str, dict] = {}
+        self.reused: list[str] = []  # ids of records kept from an earlier job (`reuse`)
         self.failed: list[BadRecord] = []  # records whose prediction failed (FASTA rejections: contents.bad)
         self.merge_check: Optional[MergeCheck] = None
+        self.done, self.total = 0, len(mine)  # for the per-record lines
+        self.source_key = _source_key(loaded.source)
         if world > 1:  # a part left by an earlier, interrupted run must not be merged into this one
             _part_path(out_dir, rank, world).unlink(missing_ok=True)
 
+    def inputs(self, record) -> dict:
+        """The record's inputs fingerprint (`inputs_fingerprint`)."""
+        return inputs_fingerprint(record.sequence, self.source_key, self.settings["num_recycles"],
+                                  self.settings["format"])
+
+    def reuse(self, records: list) -> list:
+        """The records still to predict: with `skip_existing`, those whose files an earlier job wrote from the same
+        inputs are kept (their summaries reused) and left out."""
+        if not self.settings["skip_existing"]:
+            return records
+        todo = []
+        for record in records:
+            summary = reusable_summary(self.out_dir, self.stems[record.id], record, self.inputs(record))
+            if summary is None:
+                todo.append(record)
+            else:
+                self.summaries[record.id] = summary
+                self.reused.append(record.id)
+        self.total = len(todo)
+        if self.reused and self.rank == 0:
+            by = " by this process" if self.world > 1 else ""
+            log.info("kept %d record(s) an earlier job predicted from the same sequence and settings%s "
+                     "(--skip-existing); %d to predict", len(self.reused), by, len(todo))
+        return todo
+
     def write(self, record, result) -> None:
-        """One record's outcome: its files, or its failure."""
+        """One record's outcome: its files, or its failure; and its line on stderr (rank 0)."""
         if isinstance(result, Prediction) and not result.finite:
             result = "non-finite coordinates or pLDDT in the prediction"
+        self.done += 1
         if isinstance(result, str):
             self.failed.append(BadRecord(record.id, result, record.line))
+            if self.rank == 0:
+                log.info("%s", failure_line(record, result, self.done, self.total, self.rank, self.world))
             return
-        stem, out, heads = self.stems[record.id], self.out_dir, self.loaded.heads
-        pdb = result.to_pdb(heads.plddt, remark=record.id)
-        atomic_write(out / f"{stem}.pdb", lambda tmp: Path(tmp).write_text(pdb))
-        if heads.ptm:
-            atomic_write(out / f"{stem}{PAE_SUFFIX}", lambda tmp, data=result.pae_npz(): Path(tmp).write_bytes(data))
-        else:  # no PAE from an untrained head; nor one left by an earlier job in the same directory
-            (out / f"{stem}{PAE_SUFFIX}").unlink(missing_ok=True)
-        self.summaries[record.id] = _record_summary(record, result, stem, self.settings["num_recycles"], heads)
-        write_json_atomic(out / f"{stem}.json", self.summaries[record.id])
+        stem, heads = self.stems[record.id], self.loaded.heads
+        summary = record_summary(record, result, stem, self.settings, heads, self.inputs(record))
+        write_record_files(self.out_dir, stem, record, result, heads, summary)
+        self.summaries[record.id] = summary
+        if self.rank == 0:
+            log.info("%s", record_line(summary, self.done, self.total, self.rank, self.world))
 
     def part(self, status: str) -> dict:
         """This process's share of predictions.json."""
         return {"rank": self.rank, "status": status, "device": str(self.device),
                 "merge_check": self.merge_check.as_dict() if self.merge_check else None,
                 "predictions": [self.summaries[r.id] for r in self.mine if r.id in self.summaries],
+                "reused": list(self.reused),
                 "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in self.failed]}
 
     def summary(self, parts: list[dict]) -> dict:
@@ -284,10 +361,12 @@ class PredictionWriter:
                          "ptm_per_chain": "pTM of each chain alone", "iptm": "interface pTM (AF-multimer): for "
                          "each residue, the TM terms of the other chains' residues, averaged; the largest"},
             "confidence": heads.as_dict(),
-            "pae": (f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed"
+            "pae": (f"<stem>{PAE_SUFFIX}: 'pae', predicted aligned error in Å, float16 [L, L], linkers removed; "
+                    f"<stem>{PAE_JSON_SUFFIX}: the same in AlphaFold DB's JSON format, 2 decimals"
                     if heads.ptm else "not written: the pTM head was never trained"),
-            "ptm_head_trained": heads.ptm,
+            "ptm_head_trained": heads.ptm, "summary_tsv": TSV_FILE,
             "n_records": len(records) + len(bad), "n_predicted": len(predicted),
+            "n_reused": sum(len(pt.get("reused", [])) for pt in parts),
             "n_failed": len(bad) + len(prediction_failures),
             "n_not_reached": len(records) - len(predicted) - len(prediction_failures),
             "seconds_total": time.perf_counter() - self.started,
@@ -295,22 +374,31 @@ class PredictionWriter:
             "failures": [{"id": f.id, "line": f.line, "reason": f.reason} for f in bad] + prediction_failures,
         }
 
+    def _write_summaries(self, merged: dict) -> None:
+        """predictions.json and summary.tsv, each atomically."""
+        write_json_atomic(self.out_dir / SUMMARY_FILE, merged)
+        tsv = summary_tsv(self.contents, merged)
+        atomic_write(self.out_dir / TSV_FILE, lambda tmp: Path(tmp).write_text(tsv))
+
     def finish(self, status: str) -> dict:
-        """Write predictions.json (under torchrun rank 0 merges the processes' parts) and return it."""
+        """Write predictions.json and summary.tsv (under torchrun rank 0 merges the processes' parts) and return
+        predictions.json's content ({} on the other ranks of an interrupted job)."""
         out, rank, world = self.out_dir, self.rank, self.world
         if world == 1:
             merged = self.summary([self.part(status)])
-            write_json_atomic(out / SUMMARY_FILE, merged)
+            self._write_summaries(merged)
             return merged
         write_json_atomic(_part_path(out, rank, world), self.part(status))
         if status != "completed":  # no barrier: the others may be gone; rank 0 merges what is there
-            if rank == 0:
-                write_json_atomic(out / SUMMARY_FILE, self.summary(_read_parts(out, world)))
-            return {}
+            if rank != 0:
+                return {}
+            merged = self.summary(_read_parts(out, world))
+            self._write_summaries(merged)
+            return merged
         dist.barrier()
         merged = self.summary(_read_parts(out, world))
         if rank == 0:
-            write_json_atomic(out / SUMMARY_FILE, merged)
+            self._write_summaries(merged)
         dist.barrier()  # every process has read the parts, and predictions.json exists
         if rank == 0:
             for r in range(world):
@@ -318,9 +406,9 @@ class PredictionWriter:
         return merged
 
 
-def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_recycles, torch_device, rank,
-             world, max_length, max_tokens_per_batch, chunk_size, merge, merge_tolerance, progress, overrides,
-             started) -> PredictionRun:
+def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_recycles, torch_device, rank,
+             world, max_tokens_per_batch, chunk_size, overrides, started, settings):
+    """(model, writer, batches still to predict): the model loaded, the records shared out and batched."""
     if rank == 0:
         for bad in contents.bad:
             log.warning("skipping FASTA record %s", bad)
@@ -337,39 +425,56 @@ def _predict(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
     records = contents.records
     mine = ([records[i] for i in shard_records([model_length(r.sequence) for r in records], world)[rank]]
             if world > 1 else records)
-    batches = [[mine[i] for i in batch]
-               for batch in length_batches([model_length(r.sequence) for r in mine], max_tokens_per_batch)]
-    writer = PredictionWriter(out_dir, fasta, contents, mine, loaded, {
-        "num_recycles": recycles, "max_length": max_length, "max_tokens_per_batch": max_tokens_per_batch},
-        rank, world, torch_device, started)
-    bar = Progress(len(mine), "predicting", enabled=progress and rank == 0, unit="seq")
-    try:
-        done = {}
-        if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
-            log.info("the language model is stored in bf16: adapters are applied unmerged")
-            merge = False
-        if merge and adapted_parts(model) and batches:
-            writer.merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], torch_device,
-                                                               recycles, merge_tolerance)
-            done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
-            c = writer.merge_check
-            log.info("adapter merged: max deviation from unmerged %.2g Å (positions), %.2g (pLDDT) on %d "
-                     "sequence(s)", c.max_position_deviation, c.max_plddt_deviation, c.n_sequences)
+    writer = PredictionWriter(out_dir, fasta, contents, mine, loaded, {"num_recycles": recycles, **settings},
+                              rank, world, torch_device, started)
+    todo = writer.reuse(mine)
+    batches = [[todo[i] for i in batch]
+               for batch in length_batches([model_length(r.sequence) for r in todo], max_tokens_per_batch)]
+    return model, writer, batches
+
+
+def _run_batches(model, batches: list, writer: PredictionWriter, bar: Progress, device, recycles: int,
+                 merge: bool, merge_tolerance: float) -> None:
+    """Predict the batches and write each record's outcome (the adapter merged first, checked on the first batch)."""
+    done = {}
+    if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
+        log.info("the language model is stored in bf16: adapters are applied unmerged")
+        merge = False
+    if merge and adapted_parts(model) and batches:
+        writer.merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], device,
+                                                           recycles, merge_tolerance)
+        done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
+        c = writer.merge_check
+        log.info("adapter merged: max deviation from unmerged %.2g Å (positions), %.2g (pLDDT) on %d "
+                 "sequence(s)", c.max_position_deviation, c.max_plddt_deviation, c.n_sequences)
+    # on a terminal, log lines (one per record) go through tqdm so that they do not break the bar
+    with logging_redirect_tqdm() if bar.bar is not None else contextlib.nullcontext():
         for k, batch in enumerate(batches):
-            for record, result in done.pop(k) if k in done else _predict_or_split(model, batch, torch_device,
-                                                                                  recycles):
+            for record, result in done.pop(k) if k in done else _predict_or_split(model, batch, device, recycles):
                 writer.write(record, result)
             bar.update(len(batch), length=model_length(batch[-1].sequence), batch=len(batch))
+
+
+def _predict(contents, fasta, run_dir, out_dir, *, torch_device, rank, world, merge, merge_tolerance, progress,
+             **kwargs) -> PredictionRun:
+    model, writer, batches = _prepare(contents, fasta, run_dir, out_dir, torch_device=torch_device, rank=rank,
+                                      world=world, **kwargs)
+    bar = Progress(writer.total, "predicting", enabled=progress and rank == 0, unit="seq")
+    try:
+        _run_batches(model, batches, writer, bar, torch_device, writer.settings["num_recycles"], merge,
+                     merge_tolerance)
     except KeyboardInterrupt:
         bar.close()
-        writer.finish("interrupted")
-        raise
+        merged = writer.finish("interrupted")
+        raise PredictionInterrupted(writer.out_dir, merged.get("n_predicted", 0), merged.get("n_reused", 0),
+                                    len(contents.records)) from None
     bar.close()
     merged = writer.finish("completed")
     failures = list(contents.bad) + [BadRecord(f["id"], f["reason"], f["line"])
                                      for f in merged["failures"][len(contents.bad):]]
-    return PredictionRun(out_dir, out_dir / SUMMARY_FILE, merged["predictions"], failures,
-                         _check_from_dict(merged["merge_check"]), loaded.heads)
+    return PredictionRun(writer.out_dir, writer.out_dir / SUMMARY_FILE, merged["predictions"], failures,
+                         _check_from_dict(merged["merge_check"]), writer.loaded.heads, merged["n_reused"],
+                         writer.settings["format"])
 
 
 def _check_from_dict(d: Optional[dict]) -> Optional[MergeCheck]:

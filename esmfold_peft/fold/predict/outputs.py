@@ -8,6 +8,7 @@ the heads' provenance (`confidence`): `to_pdb` takes the pLDDT convention.
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -26,6 +27,8 @@ from openfold.np import residue_constants  # noqa: E402
 from openfold.utils.loss import compute_tm  # noqa: E402
 
 PAE_SUFFIX = ".pae.npz"
+PAE_JSON_SUFFIX = ".pae.json"  # the same PAE in AlphaFold DB's JSON format
+STRUCTURE_FORMATS = ("pdb", "cif")
 PAE_MAX_BIN = 31  # the pTM head's bins, as ESMFold and openfold use them
 
 
@@ -121,6 +124,29 @@ class Prediction:
         np.savez_compressed(buffer, pae=self.pae.astype(np.float16), chain_index=self.chain_index.astype(np.int8),
                             max_predicted_aligned_error=np.float32(self.max_pae))
         return buffer.getvalue()
+
+    def pae_json(self) -> str:
+        """The `<stem>.pae.json` file's text: the PAE as AlphaFold DB writes it, `[{"predicted_aligned_error":
+        [[...]], "max_predicted_aligned_error": 31.75}]`, values in Å rounded to 2 decimals (rows and columns as
+        in `pae_npz`)."""
+        pae = np.round(self.pae.astype(np.float64), 2).tolist()  # float64: 0.25 stays 0.25 in the text
+        return json.dumps([{"predicted_aligned_error": pae,
+                            "max_predicted_aligned_error": round(float(self.max_pae), 2)}], separators=(",", ":"))
+
+
+def pdb_to_mmcif(pdb: str, name: str) -> str:
+    """mmCIF text of PDB text (Biopython's PDBParser and MMCIFIO): the same atoms, coordinates, B-factors and chain
+    ids; the PDB's REMARK lines are kept as comment lines after `data_<name>` (`name`: no whitespace)."""
+    from Bio.PDB import MMCIFIO, PDBParser
+
+    structure = PDBParser(QUIET=True).get_structure(name, io.StringIO(pdb))
+    writer = MMCIFIO()
+    writer.set_structure(structure)
+    buffer = io.StringIO()
+    writer.save(buffer)
+    head, _, rest = buffer.getvalue().partition("\n")
+    comments = "".join(f"# {line[6:].strip()}\n" for line in pdb.splitlines() if line.startswith("REMARK"))
+    return f"{head}\n{comments}{rest}"
 
 
 def linker_masked_ptm(logits: torch.Tensor, residue_weights: torch.Tensor) -> float:
