@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
             "failed (an unparseable file, a chain without Cα or with non-finite coordinates, a chain that "
             f"cannot be paired; the others are still evaluated and reported); {EXIT_USAGE} for a malformed "
             "command line or an input or output that cannot be used at all (a missing path, a directory "
-            "without structure files, a file against a directory, an unwritable --out, a run that cannot "
-            f"be loaded); {EXIT_INTERRUPTED} if interrupted."), __doc__.split("\n\n", 2)[2].rstrip()]),
+            "without structure files, a file against a directory, two directories without one matching stem, "
+            "an unwritable --out, a run that cannot be loaded); "
+            f"{EXIT_INTERRUPTED} if interrupted."), __doc__.split("\n\n", 2)[2].rstrip()]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     files = parser.add_argument_group("evaluate structure files")
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory for report.json, report.md and the plots (created if needed)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars and no progress log lines, only the summary and warnings")
+    parser.add_argument("--quiet", action="store_true", dest="no_progress",
+                        help="deprecated: the old name of --no-progress (still accepted)")
     return parser
 
 
@@ -125,7 +129,7 @@ def evaluate_files(args: argparse.Namespace) -> int:
     """--pred/--ref mode: score structure files, write the report, return the exit status."""
     cutoff = LDDT_CUTOFF if args.lddt_cutoff is None else args.lddt_cutoff
     run = evaluate_paths(args.pred, args.ref, args.out, lddt_cutoff=cutoff,
-                         plots=not args.no_plots, progress=not args.quiet)
+                         plots=not args.no_plots, progress=not args.no_progress)
     print_summary(run)
     return EXIT_OK if run.ok else EXIT_SOME_FAILED
 
@@ -134,7 +138,7 @@ def evaluate_trained_run(args: argparse.Namespace) -> int:
     """--run mode: validate the run on a split, write the report, return the exit status."""
     run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
                        num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
-                       progress=not args.quiet, overrides=args.set)
+                       progress=not args.no_progress, overrides=args.set)
     v = run.validation
     print(f"{args.split} split of {args.run}: validation LDDT-Cα {_fmt(v['lddt_ca'])} "
           f"({v['aggregation']}, {v['n_chains']} chain(s)), the number training reports")
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.no_progress else logging.INFO, format="%(levelname)s %(message)s")
     files_mode = args.pred is not None or args.ref is not None
     if args.run is not None:
         if files_mode:

@@ -9,7 +9,8 @@ language model carries an adapter (adapter.scope lm or both) or was fully traine
 that ESM-2 is written too (adapter merged), to be given as the language model.
 
 Examples:
-  python scripts/export_esmfold.py --run runs/base --out base_esmfold.pt
+  python scripts/export_esmfold.py --run runs/demo-lorta-r8 --out esmfold_demo.pt --lm-out esm2_demo.pt  # the demo
+  python scripts/export_esmfold.py --run runs/base --out base_esmfold.pt   # a run whose ESM-2 stayed frozen
   python scripts/export_esmfold.py --run runs/finetune --out finetuned.pt --lm-out esm2_finetuned.pt
   python scripts/export_esmfold.py --run runs/base --checkpoint runs/base/checkpoints/last.pt --out step.pt
 """

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 
-from esmfold_peft.runtime.cli import exit_code_table, positive_float, positive_int, run_main
+from esmfold_peft.runtime.cli import config_names, exit_code_table, positive_float, positive_int, run_main
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK
 from esmfold_peft.runtime.rundir import project_root
 from esmfold_peft.fold.experiments.search import (DEFAULT_FLOOR, DEFAULT_MULTIPLIERS, parse_multipliers,
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     alpha.add_argument("--alpha-search", action="store_true",
                        help="choose α for each lorta/lora entry by the staged search")
     alpha.add_argument("--alpha", type=positive_float, metavar="A", help="train every lorta/lora entry at α = A")
-    p.add_argument("--config", default="demo", help="a config name in configs/ or a .py path (default: demo)")
+    p.add_argument("--config", default="demo", help=f"a config name in configs/ ({', '.join(config_names())}) or a "
+                                                    ".py path (default: demo)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps of every run (train.steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every run, e.g. --set train.seed=1 (repeatable)")

@@ -2,13 +2,14 @@
 """Table 1 in small: LoRTA r=1,4,8, LoRA r=1,8, head only and full fine-tuning on one classification task.
 
 Writes OUT/table.md (trainable parameters and metrics), OUT/metric_vs_parameters.png (log x) and
-OUT/sweep.json; each method's run directory is OUT/<method>. A finished run is reused and an
-interrupted one resumed, so the command can simply be given again.
+OUT/sweep.json; each entry's run directory is OUT/<method>-r<rank>, OUT/head-only or OUT/full. A
+finished run is reused and an interrupted one resumed, so the command can simply be given again.
+Entries are written as scripts/sweep.py writes them: adapter:rank, none (head only), full.
 
 Examples:
   python scripts/sweep_nlp.py                                   # MiniLM on rt-polarity, ~20-30 min on 2 CPU cores
   python scripts/sweep_nlp.py --task corr2cause --out runs/sweep-c2c
-  python scripts/sweep_nlp.py --methods lorta-r4,lora-r8,head-only --set train.steps=60
+  python scripts/sweep_nlp.py --runs lorta:4,lora:8,none --set train.steps=60
 """
 
 import argparse
@@ -16,9 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from esmfold_peft.adapters import is_adapted
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
-from esmfold_peft.runtime.errors import EXIT_OK, UserError
+from esmfold_peft.runtime.cli import add_set_argument, config_names, exit_code_table, run_main
+from esmfold_peft.runtime.errors import EXIT_OK
 
 
 def parse_args(argv=None):
@@ -27,44 +27,32 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2]
                                 + "\n" + exit_code_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="rt-polarity", choices=list(TASKS), help="classification task (default rt-polarity)")
-    p.add_argument("--config", default="nlp_classify", help="config name or path (default nlp_classify)")
-    p.add_argument("--methods", help="comma-separated subset of: lorta-r1, lorta-r4, lorta-r8, lora-r1, lora-r8, "
-                                     "head-only, full (other ranks too, e.g. lora-r4)")
+    p.add_argument("--config", default="nlp_classify", help=f"a config name in configs/ "
+                                                            f"({', '.join(config_names(nlp=True))}) or a .py path "
+                                                            "(default: nlp_classify)")
+    p.add_argument("--runs", "--methods", dest="runs", metavar="ENTRIES",
+                   help="comma-separated adapter:rank entries and/or none (head only), full, as in sweep.py, e.g. "
+                        "lorta:4,lora:8,none,full (default: lorta:1,lorta:4,lorta:8,lora:1,lora:8,none,full). "
+                        "Deprecated, still read: the old name --methods and the old forms lorta-r4 and head-only")
     p.add_argument("--out", type=Path, help="sweep folder (default runs/nlp-sweep-<task>)")
     add_set_argument(p, "train.steps=60")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def parse_methods(text):
-    from esmfold_peft.nlp.sweep import DEFAULT_GRID
-
-    if not text:
-        return DEFAULT_GRID
-    grid = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in ("head-only", "none"):
-            grid.append(("none", 0))
-        elif item == "full":
-            grid.append(("full", 0))
-        elif "-r" in item and is_adapted(item.split("-r")[0]) and item.split("-r")[1].isdigit():
-            method, rank = item.split("-r")
-            grid.append((method, int(rank)))
-        else:
-            raise UserError(f"--methods: {item!r} is not lorta-rN, lora-rN, head-only or full")
-    return tuple(grid)
-
-
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from esmfold_peft.nlp.config import load_config
-    from esmfold_peft.nlp.sweep import run_sweep
+    from esmfold_peft.nlp.sweep import parse_grid, run_sweep
     from esmfold_peft.runtime.config import apply_overrides
     from esmfold_peft.runtime.rundir import project_root
 
-    grid = parse_methods(args.methods)
+    grid = parse_grid(args.runs)
     out = args.out or project_root() / "runs" / f"nlp-sweep-{args.task}"
     load_config(args.config)  # a bad name fails here, before any training
 
@@ -81,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from esmfold_peft.adapters import is_adapted
 from esmfold_peft.fold.run.config import ADAPTERS, SCOPES
-from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
-                                      overrides_from, positive_float, positive_int, run_main)
+from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, config_names, config_yaml, exit_code_table,
+                                      loggers_flag, overrides_from, positive_float, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 from esmfold_peft.runtime.session import world_size
 
@@ -36,8 +36,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n", 2)[2] + "\n" + exit_code_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a config name in configs/ (demo, paper_d4) or a .py path (default: demo; "
-                                    "with --resume the run's own config is used)")
+    p.add_argument("--config", help=f"a config name in configs/ ({', '.join(config_names())}) or a .py path "
+                                    "(default: demo; with --resume the run's own config is used)")
     p.add_argument("--adapter", choices=ADAPTERS, help="lorta | lora | none (frozen LM) | full (LM trained)")
     p.add_argument("--rank", type=positive_int, help="adapter rank r")
     p.add_argument("--alpha", type=positive_float, help="adapter scale numerator: scale = alpha / rank "
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
                                                          "with the config stored in the run")
     add_set_argument(p, "model.trunk.num_blocks=4")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (yaml.safe_load reads it back) and exit")
     add_run_arguments(p)
     return p.parse_args(argv)
 
@@ -144,7 +145,7 @@ def _main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = resolve(args)
     if args.print_config:
-        print(cfg)
+        print(config_yaml(cfg), end="")
         return EXIT_OK
     if world_size() > 1 and args.out is None:  # every process must name the same run
         raise UserError("with several processes (torchrun), give --out RUN_DIR")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from esmfold_peft.adapters import is_adapted
 from esmfold_peft.nlp.models import METHODS
-from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, exit_code_table, loggers_flag,
-                                      non_negative_int, overrides_from, positive_float, positive_int, run_main)
+from esmfold_peft.runtime.cli import (add_run_arguments, add_set_argument, config_names, config_yaml, exit_code_table,
+                                      loggers_flag, non_negative_int, overrides_from, positive_float, positive_int,
+                                      run_main)
 from esmfold_peft.runtime.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, UserError
 
 
@@ -40,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=positive_float, help="adapter scale numerator (scale = alpha / rank; default "
                                                         "adapter.default_alpha_per_rank × rank: 2 × rank for "
                                                         "classification, 4 × rank for alpaca and dpo)")
-    p.add_argument("--config", help="a config in configs/ (nlp_classify, nlp_instruct, nlp_dpo, …) or a .py path; "
-                                    "default: the task's")
+    p.add_argument("--config", help=f"a config name in configs/ ({', '.join(config_names(nlp=True))}) or a .py "
+                                    "path (default: the task's)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (train.steps); with --resume, may extend")
     p.add_argument("--seed", type=non_negative_int, help="train.seed")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: auto)")
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
                                                          "flags given override only what they name")
     add_set_argument(p, "train.batch_size=32")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (yaml.safe_load reads it back) and exit")
     add_run_arguments(p)
     return p.parse_args(argv)
 
@@ -107,7 +109,7 @@ def _main(argv=None) -> int:
     else:
         cfg = resolve_new(args)
     if args.print_config:
-        print(cfg)
+        print(config_yaml(cfg), end="")
         return EXIT_OK
     out = args.out or default_out(cfg)
     status = train(cfg, out, resume=args.resume, progress=not args.no_progress)

@@ -306,15 +306,18 @@ def test_parameter_counts_equal_formulas(arch, modes):
     ("--arch esm2_t12_35M --adapter lorta --rank 8 --modes layers,heads", 4 * 8 * (480 + 24 + 20 + 12)),
 ])
 def test_count_params_script_reproduces_paper(args, params, capsys):
-    assert count_params().main(args.split()) == 0
+    assert count_params().main(args.split() + ["--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["params"] == params == record["formula"]
+    assert count_params().main(args.split()) == 0  # the default: a table, the same count in it
+    table = capsys.readouterr().out
+    assert f"trainable parameters  {params:,}\n" in table and "(agrees)" in table and "{" not in table
 
 
 @background.job("count_params_program")
 def count_params_program(folder):
     return background.run(ROOT / "scripts" / "count_params.py", "--arch", "roberta-base", "--adapter", "lorta",
-                          "--rank", "4")
+                          "--rank", "4", "--json")
 
 
 def test_count_params_script_runs_as_a_program():

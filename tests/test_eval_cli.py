@@ -79,7 +79,7 @@ def test_single_file_against_single_file_exits_0(tmp_path, capsys):
     pred_dir, ref_dir = make_inputs(tmp_path)
     out = tmp_path / "single"
     status = load_script().main(["--pred", str(pred_dir / "good1.pdb"), "--ref", str(ref_dir / "good1.pdb"),
-                                 "--out", str(out), "--quiet", "--no-plots"])
+                                 "--out", str(out), "--no-progress", "--no-plots"])
     assert status == 0
     assert "1 chain(s)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -92,7 +92,7 @@ def test_a_non_finite_coordinate_fails_its_pair_only(tmp_path, capsys):
     lines[3] = lines[3][:30] + "     nan" + lines[3][38:]
     (pred_dir / "good2.pdb").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    status = load_script().main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--quiet",
+    status = load_script().main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--no-progress",
                                  "--no-plots"])
     assert status == 1
     captured = capsys.readouterr()
@@ -113,7 +113,7 @@ def test_low_identity_pair_is_scored_and_flagged(tmp_path, capsys):
     write_pdb(tmp_path / "pred.pdb", mutated, ca)
     out = tmp_path / "out"
     status = load_script().main(["--pred", str(tmp_path / "pred.pdb"), "--ref", str(tmp_path / "ref.pdb"),
-                                 "--out", str(out), "--quiet", "--no-plots"])
+                                 "--out", str(out), "--no-progress", "--no-plots"])
     assert status == 0  # a flag, not a failure
     warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
     assert len(warnings) == 1 and "ref_A: 53 of 53 reference residues paired" in warnings[0]
@@ -134,7 +134,7 @@ def test_help_documents_thresholds_and_exit_codes(capsys):
 
 def _run_expecting_usage_error(tmp_path, capsys, pred, ref, out=None):
     status = load_script().main(["--pred", str(pred), "--ref", str(ref), "--out", str(out or tmp_path / "out"),
-                                 "--quiet"])
+                                 "--no-progress"])
     err = capsys.readouterr().err
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
@@ -174,3 +174,30 @@ def test_read_only_parent_of_out_exits_2(tmp_path, capsys):
     locked.mkdir(mode=0o500)
     err = _run_expecting_usage_error(tmp_path, capsys, pred_dir, ref_dir, locked / "out")
     assert "permission denied" in err
+
+
+def test_directories_without_one_matching_stem_exit_2_and_write_nothing(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    for path in pred_dir.iterdir():  # every prediction renamed: no stem in common with the references
+        path.rename(path.with_name("other_" + path.name))
+    out = tmp_path / "out"
+    err = _run_expecting_usage_error(tmp_path, capsys, pred_dir, ref_dir, out)
+    assert f"no prediction in {pred_dir} shares a file stem with a reference in {ref_dir}" in err
+    assert "stems other_broken, other_good1, other_good2 against stems broken, good1, good2 and 1 more" in err
+    assert not out.exists()
+
+
+def test_quiet_is_the_old_name_of_no_progress(tmp_path, capsys):
+    pred_dir, ref_dir = make_inputs(tmp_path)
+    script = load_script()
+    for flag in ("--no-progress", "--quiet"):
+        assert script.build_parser().parse_args(["--pred", "p", "--ref", "r", "--out", "o", flag]).no_progress
+        out = tmp_path / flag.strip("-")
+        assert script.main(["--pred", str(pred_dir / "good1.pdb"), "--ref", str(ref_dir / "good1.pdb"),
+                            "--out", str(out), flag, "--no-plots"]) == 0
+        captured = capsys.readouterr()
+        assert "1 chain(s)" in captured.out and "reading" not in captured.err and "scoring" not in captured.err
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--quiet deprecated: the old name of --no-progress" in help_text

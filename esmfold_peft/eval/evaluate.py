@@ -5,8 +5,9 @@
 A problem with one file or chain (missing counterpart, unparseable file, a chain without Cα or
 with non-finite coordinates, chain or residues that cannot be paired) is recorded as an
 `EvaluationFailure` naming the file, and everything else is still evaluated. Paths that cannot be
-used at all (missing, a file against a directory, no structure file) raise `ArtifactError` /
-`UserError`, an unusable `out_dir` `OutputPathError`, before anything is read or written.
+used at all (missing, a file against a directory, no structure file, two directories without one
+matching stem) raise `ArtifactError` / `UserError`, an unusable `out_dir` `OutputPathError`, before
+anything is read or written.
 
 Evaluating a trained run on its own data split is `esmfold_peft.fold.experiments.evaluate_run`: it needs the
 folding model, and eval/ never imports fold/ (fold/ builds on eval/).
@@ -70,13 +71,22 @@ def _structure_files(directory: Path, role: str) -> tuple[dict[str, Path], list[
     return files, failures
 
 
+def _stems(files: dict[str, Path], shown: int = 3) -> str:
+    """'stems a, b, c and 4 more' (the first few, for a one-line message)."""
+    names = sorted(files)
+    if not names:
+        return "no stem held by one file only"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ("stem " if len(names) == 1 else "stems ") + ", ".join(names[:shown]) + more
+
+
 def match_structure_files(pred: str | Path, ref: str | Path) -> tuple[list[tuple[Path, Path]], list[EvaluationFailure]]:
     """(prediction, reference) file pairs and failures for unmatched files.
 
     Two files make one pair. Two directories are matched by file stem; a reference without a
     prediction and a prediction without a reference are failures. Raises ArtifactError if a path
     does not exist, is a file without a structure suffix or a directory without structure files,
-    UserError for a file against a directory.
+    UserError for a file against a directory or two directories without one matching stem.
     """
     pred, ref = Path(pred), Path(ref)
     for role, path in (("prediction", pred), ("reference", ref)):
@@ -93,6 +103,10 @@ def match_structure_files(pred: str | Path, ref: str | Path) -> tuple[list[tuple
     ref_files, ref_failures = _structure_files(ref, "reference")
     failures += ref_failures
     pairs = [(pred_files[s], ref_files[s]) for s in sorted(ref_files) if s in pred_files]
+    if not pairs:
+        raise UserError(f"no prediction in {pred} shares a file stem with a reference in {ref} "
+                        f"({_stems(pred_files)} against {_stems(ref_files)}); files are matched by stem, "
+                        "1abc.pdb with 1abc.cif.gz")
     failures += [EvaluationFailure(str(ref_files[s]), f"no prediction with stem {s!r} in {pred}")
                  for s in sorted(ref_files) if s not in pred_files]
     failures += [EvaluationFailure(str(pred_files[s]), f"no reference with stem {s!r} in {ref}")

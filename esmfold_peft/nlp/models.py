@@ -146,9 +146,10 @@ def build_classifier(cfg: mlc.ConfigDict, num_labels: int) -> Network:
         description = f"random {cfg.model.random.family} ({_shape(config)})"
     else:
         _verify_weights(folder)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels,
-                                                                   problem_type=problem, dtype=torch.float32)
+        with sources.quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels,
+                                                                       problem_type=problem, dtype=torch.float32)
         description = f"{cfg.model.name} ({_shape(model.config)})"
     heads = head_parameter_names(model)
     return Network(model, tokenizer, description, heads)
@@ -165,8 +166,9 @@ def build_causal_lm(cfg: mlc.ConfigDict) -> Network:
         description = f"random {cfg.model.random.family} ({_shape(config)})"
     else:
         _verify_weights(folder)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        with sources.quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         description = f"{cfg.model.name} ({_shape(model.config)})"
     if tokenizer.pad_token_id is None:  # Llama tokenizers often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -17,6 +17,7 @@ The cache lives under `<project>/data/nlp/` unless `data.root` names another fol
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import tempfile
@@ -119,6 +120,24 @@ def ensure_smollm2(root: Optional[str] = None) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own output off while a checkpoint loads: its load report (ANSI-coloured whatever the
+    terminal, and always naming the fresh classification head MISSING, which is expected here) and its
+    "Loading weights" bar. A file that cannot be loaded still raises."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(gguf_dir: Path, gguf_name: str, folder: Path) -> None:
     """Dequantise a GGUF checkpoint through transformers and save it as a plain Llama checkpoint.
 
@@ -135,8 +154,9 @@ def convert_gguf(gguf_dir: Path, gguf_name: str, folder: Path) -> None:
     from ..runtime.artifacts import save_safetensors
 
     log.info("converting %s to a float32 safetensors checkpoint in %s (once)", gguf_name, folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
     cfg = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "model_type"):
         cfg.pop(key, None)

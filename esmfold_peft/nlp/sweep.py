@@ -16,7 +16,7 @@ import ml_collections as mlc
 
 from ..adapters import is_adapted
 from ..runtime.config import apply_overrides
-from ..runtime.errors import COMPLETED, EXIT_INTERRUPTED, EXIT_OK
+from ..runtime.errors import COMPLETED, EXIT_INTERRUPTED, EXIT_OK, UserError
 from ..runtime.rundir import RunDir
 from ..runtime.text import format_count, format_score, markdown_table
 from .config import config_for_resume, resolve_defaults
@@ -27,6 +27,37 @@ log = logging.getLogger("esmfold_peft.nlp")
 
 # (method, rank): the paper's Table 1 rows, in small
 DEFAULT_GRID = (("lorta", 1), ("lorta", 4), ("lorta", 8), ("lora", 1), ("lora", 8), ("none", 0), ("full", 0))
+
+
+def _grid_entry(item: str) -> tuple[str, int]:
+    """One --runs entry: `lorta:4`, `lora:8`, `none` (head only) or `full`, as scripts/sweep.py writes them; the
+    old forms `lorta-r4` and `head-only` are still read."""
+    text = item.lower()
+    if text in ("none", "head-only", "full"):
+        return ("full", 0) if text == "full" else ("none", 0)
+    method, sep, rank = text.partition(":")
+    if not sep:
+        method, sep, rank = text.partition("-r")
+    if sep and is_adapted(method) and rank.isdigit() and int(rank) >= 1:
+        return method, int(rank)
+    if method in ("none", "full", "head-only"):
+        raise UserError(f"--runs entry {item!r}: {method} takes no rank (write just {method!r})")
+    raise UserError(f"--runs entry {item!r}: expected lorta:RANK, lora:RANK, none or full (e.g. lorta:4)")
+
+
+def parse_grid(text: Optional[str]) -> tuple:
+    """'lorta:4,lora:8,none,full' -> (('lorta', 4), ('lora', 8), ('none', 0), ('full', 0)); empty: DEFAULT_GRID."""
+    if not text or not text.strip():
+        return DEFAULT_GRID
+    grid = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        entry = _grid_entry(item)
+        if entry in grid:
+            raise UserError(f"--runs entry {item!r} is listed twice")
+        grid.append(entry)
+    return tuple(grid)
 
 
 def label(method: str, rank: int) -> str:

@@ -6,13 +6,15 @@
         sys.exit(main())
 
 `run_main` turns a `UserError` into its one line and exit code 2, Ctrl-C into exit 130, an
-unwritable output into one line, and anything else into a one-line internal error (the traceback
-is printed only with ESMFOLD_PEFT_DEBUG=1): a user never sees a traceback.
+unwritable output into one line, a reader that stopped reading (`| head`) into a quiet exit 1, and
+anything else into a one-line internal error (the traceback is printed only with
+ESMFOLD_PEFT_DEBUG=1): a user never sees a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 import sys
 from typing import Callable
@@ -88,21 +90,66 @@ def exit_code_table() -> str:
     return "Exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
 
 
+def config_names(nlp: bool = False) -> list[str]:
+    """The named configs in the project's configs/: the folding ones, or (nlp=True) the NLP harness's (nlp_*)."""
+    from .rundir import project_root
+
+    return sorted(p.stem for p in (project_root() / "configs").glob("*.py")
+                  if not p.stem.startswith("_") and p.stem.startswith("nlp_") == nlp)
+
+
+def _plain(value):
+    """A config value as plain YAML data: mappings as dicts, tuples and lists as lists, paths as text."""
+    if hasattr(value, "items") and hasattr(value, "keys"):  # dict, ConfigDict (references resolved)
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return str(value)
+
+
+def config_yaml(cfg) -> str:
+    """A config as plain YAML (keys sorted) that `yaml.safe_load` reads back: what --print-config prints."""
+    import yaml
+
+    return yaml.safe_dump(_plain(cfg), sort_keys=True, default_flow_style=False, allow_unicode=True)
+
+
 def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at devnull, so that flushing it at exit raises nothing (Python's
+    documented way, see the `signal` module's note on SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def run_main(main: Callable[..., int], *args) -> int:
     """Call `main(*args)` and map every way it can end onto the exit-code table (see the module docstring)."""
     try:
-        return int(main(*args) or 0)
+        status = int(main(*args) or 0)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, inside the handler
+        return status
     except UserError as exc:
         error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of stdout closed it: nothing more to say, and no traceback
+        _silence_stdout()
         return EXIT_SOME_FAILED
     except MemoryError:
         error("out of memory")
