@@ -290,7 +290,7 @@ def _judge_predict(r: Result, out: Path, new: set) -> None:
             r.partial = True
             v.append(f"predictions.json unreadable: {exc}")
             return
-        jsons = {p for p in new if p.endswith(".json") and p != "predictions.json"}
+        jsons = {p for p in new if p.endswith(".json") and p != "predictions.json" and not p.endswith(".pae.json")}
         unlisted = sorted((pdbs - listed) | (jsons - {Path(p).with_suffix(".json").name for p in listed}))
         if unlisted:
             r.partial = True
@@ -1679,7 +1679,7 @@ def _train_device(rng, d, ctx):
 
 
 def _argparse_predict(rng, d, ctx):
-    flag, value = [("--num-recycles", "-1"), ("--num-recycles", "abc"), ("--max-length", "0"), ("--max-length", "-5"),
+    flag, value = [("--num-recycles", "-1"), ("--num-recycles", "abc"), ("--format", "xyz"), ("--max-length", "-5"),
                    ("--max-length", "abc"), ("--max-tokens-per-batch", "0"), ("--max-tokens-per-batch", "-5"),
                    ("--merge-tolerance", "-1"), ("--merge-tolerance", "0"), ("--merge-tolerance", "nan"),
                    ("--merge-tolerance", "inf"), ("--merge-tolerance", "abc")][ctx.index % 12]

@@ -144,12 +144,14 @@ def predicted_ptm(pred_dir: Path) -> dict[str, list[float]]:
         return {}
     out = {}
     for r in records if isinstance(records, list) else []:
-        if not isinstance(r, dict) or not isinstance(r.get("pdb"), str):
+        name = r.get("structure") or r.get("pdb") if isinstance(r, dict) else None  # the file, .pdb or .cif
+        if not isinstance(name, str):
             continue
-        values = r.get("ptm_per_chain") if r.get("n_chains", 1) > 1 else [r.get("ptm")]
+        multimer = isinstance(r.get("n_chains"), int) and r["n_chains"] > 1
+        values = r.get("ptm_per_chain") if multimer else [r.get("ptm")]
         if isinstance(values, list) and values and all(isinstance(v, (int, float)) and math.isfinite(v)
                                                       for v in values):
-            out[r["pdb"]] = [float(v) for v in values]
+            out[name] = [float(v) for v in values]
     return out
 
 
