@@ -158,6 +158,14 @@ class AttentionLayout:
         heads = [t.unflatten(dim, (self.n_heads, self.head_dim)) for t in parts]
         return torch.stack(heads, dim=dim + 1).flatten(dim, dim + 2)
 
+    def split(self, matrices: Sequence[str], tensor: torch.Tensor, dim: int) -> Dict[str, torch.Tensor]:
+        """`fuse` undone: each matrix's logical rows of the Linear holding `matrices`, along `dim`."""
+        if len(matrices) == 1:
+            return {matrices[0]: tensor}
+        dim %= tensor.dim()
+        heads = tensor.unflatten(dim, (self.n_heads, len(matrices), self.head_dim))
+        return {m: heads.select(dim + 1, p).flatten(dim, dim + 1) for p, m in enumerate(matrices)}
+
     def describe(self) -> dict:
         """The fields that must agree between a saved adapter and a model (paths excluded)."""
         return {"family": self.family, "n_layers": self.n_layers, "d_model": self.d_model,
@@ -176,6 +184,21 @@ def layouts_differences(mine: Sequence[AttentionLayout], theirs: Sequence[Attent
     if [l.family for l in mine] != [l.family for l in theirs]:
         return [f"families: {names(mine) or 'none'} vs {names(theirs) or 'none'}"]
     return [f"{a.family} {d}" for a, b in zip(mine, theirs) for d in a.differences(b)]
+
+
+def unfused(family: str) -> bool:
+    """Whether every projection of `family` is a Linear of its own (no fused q/k/v)."""
+    return family in FAMILIES and all(len(ms) == 1 for _, ms in FAMILIES[family].groups())
+
+
+def only_family_differs(mine: Sequence[AttentionLayout], theirs: Sequence[AttentionLayout]) -> bool:
+    """Two single layouts of the same shape in two unfused families (fair-esm's ESM-2 and Hugging Face's):
+    their logical q/k/v/o matrices are the same nn.Linear-shaped maps, so an adapter's tensors mean the
+    same on both (whether the *weights* are the same is the base fingerprint's question)."""
+    if len(mine) != 1 or len(theirs) != 1 or mine[0].family == theirs[0].family:
+        return False
+    a, b = mine[0], theirs[0]
+    return unfused(a.family) and unfused(b.family) and [d for d in a.differences(b) if not d.startswith("family")] == []
 
 
 # --- named architectures (shapes only, nothing downloaded) --------------------------------------

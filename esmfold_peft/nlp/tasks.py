@@ -13,7 +13,6 @@ checkpoint holds the trained parameters, the optimizer state and the step.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import is_adapted, save_adapter
-from ..runtime.artifacts import load_safetensors, save_safetensors, torch_load, torch_save
+from ..adapters.files import HEAD_WEIGHTS
+from ..adapters.head import check_head, copy_head, read_head, save_head
+from ..runtime.artifacts import save_safetensors, torch_load, torch_save
 from ..runtime.errors import ArtifactError
 from ..runtime.loop import Context, Schedule, StepResult, TrainingTask
 from ..runtime.rundir import RunDir
@@ -36,7 +37,6 @@ from .models import Network, build_classifier, describe_layout, load_trainable_s
 from .plots import plot_curves
 
 log = logging.getLogger("esmfold_peft.nlp")
-HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -302,23 +302,20 @@ class ClassificationTask(Task):
         written = super().export(run)
         if self.cfg.adapter.method != "full":  # with full fine-tuning the head is inside model/
             params = dict(self.net.model.named_parameters())
-            run.adapter_dir.mkdir(parents=True, exist_ok=True)
-            save_safetensors({n: params[n] for n in self.net.head_names}, run.adapter_dir / HEAD_WEIGHTS)
             meta = {"task": self.spec.name, "labels": list(self.spec.labels) if self.spec.labels else None,
-                    "num_labels": self.spec.num_labels, "model": self.cfg.model.name,
-                    "parameters": {n: list(params[n].shape) for n in self.net.head_names}}
-            (run.adapter_dir / HEAD_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-            written.append(run.adapter_dir / HEAD_WEIGHTS)
+                    "num_labels": self.spec.num_labels, "model": self.cfg.model.name}
+            written.append(save_head({n: params[n] for n in self.net.head_names}, run.adapter_dir, meta))
         return written
 
 
 def load_head(model, directory: Path) -> None:
-    """Load a head saved by `ClassificationTask.export` into a classification model (strict)."""
-    tensors = load_safetensors(Path(directory) / HEAD_WEIGHTS)
-    params = dict(model.named_parameters())
-    bad = [n for n, v in tensors.items() if n not in params or params[n].shape != v.shape]
-    if bad:
-        raise ArtifactError(Path(directory) / HEAD_WEIGHTS, f"does not fit this model: {bad[:4]}")
-    with torch.no_grad():
-        for n, v in tensors.items():
-            params[n].copy_(v)
+    """Load a head saved by `ClassificationTask.export` into a classification model (strict).
+
+    `adapters.load_adapter` restores it with the adapter already; this loads the head alone.
+    """
+    path = Path(directory) / HEAD_WEIGHTS
+    if not path.exists():
+        raise ArtifactError(path, "no classification head saved here")
+    tensors = read_head(Path(directory))
+    check_head(model, tensors, path)
+    copy_head(model, tensors)
