@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""Write a trained run's folding model as a fair-esm ESMFold checkpoint (the format of esmfold_3B_v1.pt).
+"""Write a trained run's folding model as a fair-esm ESMFold checkpoint (the format of esmfold_3B_v1.pt),
+or as a Hugging Face ESMFold folder (--format hf).
 
 The file holds the trunk, embeddings and heads (a trunk adapter merged into the trunk's weights)
 and, as fair-esm's own files, no language model: its cfg names the ESM-2 (esm_type, derived from
 the run's language model). fair-esm's ESMFold reads it, and so does this project: predict with
 --esmfold FILE --lm LM, or start a new run from it with --set model.init_from=FILE. A run whose
 language model carries an adapter (adapter.scope lm or both) or was fully trained needs --lm-out:
-that ESM-2 is written too (adapter merged), to be given as the language model.
+that ESM-2 is written too (adapter merged), to be given as the language model. With --format hf, --out
+is a folder that transformers' EsmForProteinFolding.from_pretrained loads (config.json and model.safetensors,
+language model included, every adapter merged); predict with --esmfold FOLDER.
 
 Examples:
   python scripts/export_esmfold.py --run runs/demo-lorta-r8 --out esmfold_demo.pt --lm-out esm2_demo.pt  # the demo
   python scripts/export_esmfold.py --run runs/base --out base_esmfold.pt   # a run whose ESM-2 stayed frozen
   python scripts/export_esmfold.py --run runs/finetune --out finetuned.pt --lm-out esm2_finetuned.pt
   python scripts/export_esmfold.py --run runs/base --checkpoint runs/base/checkpoints/last.pt --out step.pt
+  python scripts/export_esmfold.py --run runs/demo-lorta-r8 --format hf --out esmfold_demo_hf  # transformers' folder
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1] + "\n\n" + exit_code_table(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="training run directory")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE.pt",
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.pt|DIR",
                         help="the ESMFold checkpoint to write (replaced atomically if it exists; a .sha256 "
-                             "checksum is written beside it)")
+                             "checksum is written beside it); with --format hf, the folder to write")
+    parser.add_argument("--format", choices=("fair-esm", "hf"), default="fair-esm",
+                        help="fair-esm: one .pt file without the language model (default); hf: a Hugging Face "
+                             "EsmForProteinFolding folder (config.json + model.safetensors) with it")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="export this training checkpoint (EMA weights when it has them) instead of the run's "
                              "exported model")
@@ -54,11 +61,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "hf" and args.lm_out is not None:
+        parser.error("--lm-out goes with --format fair-esm (a Hugging Face ESMFold folder holds its language model)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from esmfold_peft.fold.run.checkpoint import load_trained_model
-    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint, export_hf_esmfold
 
+    if args.format == "hf":
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"{args.out}: is a file; --format hf writes a folder (e.g. {args.out.with_suffix('')}_hf)")
+        model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set)
+        written = export_hf_esmfold(model, cfg, args.out, esm_type=args.esm_type)
+        merged = " and ".join(written["adapters_merged"]) or "no"
+        print(f"wrote {written['path']} (Hugging Face EsmForProteinFolding; {merged} adapter merged)")
+        print(f"next: python scripts/predict.py --fasta SEQS.fasta --esmfold {written['path']} --out PRED_DIR"
+              f"   or   EsmForProteinFolding.from_pretrained({written['path']!r}) with transformers")
+        return EXIT_OK
     if args.out.is_dir():
         raise UserError(f"{args.out}: is a directory; give the file to write (e.g. {args.out / 'esmfold.pt'})")
     model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set)

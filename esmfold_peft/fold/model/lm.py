@@ -2,8 +2,10 @@
 
 Sources, in the order they are tried for a config `lm`:
   * `lm.path` a local file or directory: a fair-esm `.pt` checkpoint, or a Hugging Face ESM
-    checkpoint (a directory with `config.json` + `pytorch_model.bin`/`model.safetensors`, or the
-    weights file alone), converted to fair-esm names;
+    checkpoint (a directory with `config.json` + `pytorch_model.bin`/`model.safetensors`/shards, or the
+    weights file alone), converted to fair-esm names; an `EsmForProteinFolding` folder gives its ESM-2.
+    config.json's fields that change the forward are followed (`token_dropout`, `layer_norm_eps`) or
+    refused by name (`hf_esm_settings`);
   * `lm.name` a fair-esm model name, through fair-esm's own loader (torch hub cache, or a
     download where the network allows it);
   * `lm.random_init=True`: random weights for the named architecture, with a loud warning.
@@ -23,8 +25,9 @@ from ... import compat  # noqa: F401  (torch.load allow-list for fair-esm checkp
 from ...adapters import is_adapter_param
 from ...adapters.layouts import architecture
 from .esm_attention import enable_sdpa  # SDPA attention switch
-from ...runtime.artifacts import check_tensors, load_safetensors, read_json, torch_load
-from ...runtime.errors import UserError
+from ...runtime.artifacts import (check_tensors, load_safetensors, read_json, require_file, torch_load,
+                                  verify_checksum)
+from ...runtime.errors import ArtifactError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,34 @@ def convert_hf_esm_state_dict(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, to
     return out, ignored
 
 
+def fair_esm_to_hf_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A fair-esm `ESM2` state dict in transformers' `EsmModel` names (the inverse of `convert_hf_esm_state_dict`).
+
+    The masked-LM head (`lm_head.*`, not part of an `EsmModel`) is left out, and the rotary frequencies are
+    written once as `rotary_embeddings.inv_freq`, where transformers 5 keeps them; adapter tensors must be merged
+    or removed first (a `*.peft.*` key is refused)."""
+    to_hf = {v: k for k, v in _HF_GLOBAL.items()}
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("lm_head."):
+            continue
+        if key in to_hf:
+            out[to_hf[key]] = value
+            continue
+        m = re.match(r"layers\.(\d+)\.(.*)$", key)
+        if m and m.group(2) == "self_attn.rot_emb.inv_freq":
+            out.setdefault("rotary_embeddings.inv_freq", value)
+            continue
+        for hf_pattern, ours in _HF_LAYER:
+            if m and m.group(2).startswith(ours):
+                hf = hf_pattern.replace("\\", "")
+                out[f"encoder.layer.{m.group(1)}.{hf}{m.group(2)[len(ours):]}"] = value
+                break
+        else:
+            raise LanguageModelError(f"no transformers ESM name for the language model's {key}")
+    return out
+
+
 def _infer_shape(sd: Dict[str, torch.Tensor], heads: Optional[int]) -> Tuple[int, int, int]:
     n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
     dim = sd["embed_tokens.weight"].shape[1]
@@ -106,48 +137,173 @@ def _infer_shape(sd: Dict[str, torch.Tensor], heads: Optional[int]) -> Tuple[int
     return n_layers, dim, heads
 
 
-def _build_esm2(n_layers: int, dim: int, heads: int):
+def _build_esm2(n_layers: int, dim: int, heads: int, token_dropout: bool = True):
     import esm
 
     return esm.model.esm2.ESM2(num_layers=n_layers, embed_dim=dim, attention_heads=heads,
-                               alphabet="ESM-1b", token_dropout=True)
+                               alphabet="ESM-1b", token_dropout=token_dropout)
+
+
+# --- Hugging Face folders: weights files (single or sharded) and the config fields that change the forward ---
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded weights: their weight_map
+ROPE_THETA = 10000.0  # fair-esm's RotaryEmbedding base
+
+
+def hf_weights_file(directory: Path) -> Path:
+    """The weights of a Hugging Face folder: model.safetensors, pytorch_model.bin, or a shard index (*.index.json)."""
+    for name in HF_WEIGHTS + HF_INDEXES:
+        if (directory / name).is_file():
+            return directory / name
+    raise LanguageModelError(f"{directory}: no weights file (model.safetensors, pytorch_model.bin or a sharded "
+                             f"{HF_INDEXES[0]})")
+
+
+def _read_safetensors_part(weights: Path, keep) -> dict:
+    """The tensors of a .safetensors file whose names `keep` accepts, read alone (not the whole file)."""
+    from safetensors import safe_open
+
+    require_file(weights, "weight file")
+    verify_checksum(weights)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+    except Exception as exc:  # safetensors raises its own error types, and OSError/ValueError
+        raise ArtifactError(weights, f"damaged or not a safetensors file ({type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())[:160]})") from exc
+
+
+def _read_weights_file(weights: Path, keep=None) -> dict:
+    if keep is not None and weights.suffix == ".safetensors":
+        return _read_safetensors_part(weights, keep)
+    raw = load_safetensors(weights, check_values=False) if weights.suffix == ".safetensors" else torch_load(weights)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in raw.items()):
+        raise ArtifactError(weights, "not a state dict (a mapping of names to tensors)")
+    return raw if keep is None else {k: v for k, v in raw.items() if keep(k)}
+
+
+def read_hf_weights(weights: Path, keep=None) -> Dict[str, torch.Tensor]:
+    """The state dict in a Hugging Face weights file, or in the shards a `*.index.json` names (its weight_map);
+    with `keep`, only the tensors whose names it accepts (safetensors files then read only those)."""
+    weights = Path(weights)
+    if not weights.name.endswith(".index.json"):
+        return _read_weights_file(weights, keep)
+    index = read_json(weights, dict, "shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) and "/" not in v and "\\" not in v for v in weight_map.values()):
+        raise ArtifactError(weights, "not a shard index (no weight_map of tensor names to shard files beside it)")
+    keep = keep or (lambda key: True)
+    state = {}
+    for shard in sorted({f for k, f in weight_map.items() if keep(k)}):
+        state.update(_read_weights_file(weights.parent / shard, keep))
+    absent = sorted(k for k in weight_map if keep(k) and k not in state)
+    if absent:
+        raise ArtifactError(weights, f"its shards lack tensors the index names: {', '.join(absent[:6])}")
+    return state
+
+
+def _hf_vocabulary_checks(config: dict, path: Path, alphabet) -> None:
+    tokens = list(alphabet.all_toks)
+    if config.get("vocab_size") not in (None, len(tokens)):
+        raise LanguageModelError(f"{path}: config.json vocab_size is {config['vocab_size']}; fair-esm's ESM-2 "
+                                 f"alphabet has {len(tokens)} tokens")
+    if config.get("vocab_list") is not None and list(config["vocab_list"]) != tokens:
+        raise LanguageModelError(f"{path}: config.json vocab_list is not the ESM-2 vocabulary (fair-esm's ESM-1b "
+                                 "alphabet, in its order); another vocabulary is not supported")
+    vocab_txt = path / "vocab.txt" if path.is_dir() else path.parent / "vocab.txt"
+    if vocab_txt.is_file() and vocab_txt.read_text().split() != tokens:
+        raise LanguageModelError(f"{vocab_txt}: not the ESM-2 vocabulary (fair-esm's ESM-1b alphabet, in its order)")
+    if config.get("pad_token_id") not in (None, alphabet.padding_idx):
+        raise LanguageModelError(f"{path}: config.json pad_token_id is {config['pad_token_id']}; ESM-2's padding "
+                                 f"token is {alphabet.padding_idx}")
+    if config.get("token_dropout") and config.get("mask_token_id") != alphabet.mask_idx:
+        raise LanguageModelError(f"{path}: config.json mask_token_id is {config.get('mask_token_id')} with "
+                                 f"token_dropout; ESM-2's mask token is {alphabet.mask_idx}")
+
+
+def hf_esm_settings(config: dict, raw: Dict[str, torch.Tensor], path: Path) -> dict:
+    """What of a Hugging Face ESM config.json changes the forward, as fair-esm ESM2 settings
+    (`token_dropout`, `layer_norm_eps`); fields fair-esm's ESM2 cannot honour are refused by name.
+
+    Honoured: token_dropout (transformers' default, False, when config.json omits it; a weights file without
+    config.json is taken as ESM-2's True), layer_norm_eps (every LayerNorm's eps). Refused: position_embedding_type
+    other than rotary (also inferred from absolute position weights), emb_layer_norm_before, rope_theta other
+    than 10000, is_decoder and add_cross_attention, and any vocabulary but ESM-2's. hidden_act is not read
+    (transformers' ESM always uses erf GELU, as fair-esm).
+    """
+    import esm
+
+    if not config:
+        return {"token_dropout": True, "layer_norm_eps": 1e-5}
+    absolute = "embeddings.position_embeddings.weight" in {k[len("esm."):] if k.startswith("esm.") else k
+                                                            for k in raw}
+    position = config.get("position_embedding_type") or ("absolute" if absolute else "rotary")
+    refused = [(name, value) for name, value, ok in (
+        ("position_embedding_type", position, position == "rotary" and not absolute),
+        ("emb_layer_norm_before", config.get("emb_layer_norm_before"), not config.get("emb_layer_norm_before")),
+        ("rope_theta", config.get("rope_theta"), float(config.get("rope_theta") or ROPE_THETA) == ROPE_THETA),
+        ("is_decoder", config.get("is_decoder"), not config.get("is_decoder")),
+        ("add_cross_attention", config.get("add_cross_attention"), not config.get("add_cross_attention")))
+        if not ok]
+    if refused:
+        name, value = refused[0]
+        raise LanguageModelError(f"{path}: config.json {name}={value!r} is not supported (fair-esm's ESM2, which "
+                                 "runs it here, has rotary positions with base 10000, no embedding LayerNorm and "
+                                 "no decoder)")
+    _hf_vocabulary_checks(config, path, esm.data.Alphabet.from_architecture("ESM-1b"))
+    eps = config.get("layer_norm_eps")
+    return {"token_dropout": bool(config.get("token_dropout", False)),  # both defaults are transformers' EsmConfig's
+            "layer_norm_eps": float(1e-12 if eps is None else eps)}
+
+
+def set_layer_norm_eps(model: torch.nn.Module, eps: float) -> None:
+    """Every LayerNorm of `model` (torch's or apex's, as fair-esm picks) with epsilon `eps`."""
+    for module in model.modules():
+        if "LayerNorm" in type(module).__name__ and hasattr(module, "eps"):
+            module.eps = eps
+
+
+def _hf_folder(path: Path) -> Tuple[Path, dict]:
+    """(weights file, config.json as a dict or {}) of a Hugging Face ESM directory or weights file."""
+    if path.is_dir():
+        try:
+            weights = hf_weights_file(path)
+        except LanguageModelError:
+            raise LanguageModelError(f"{path} has neither model.safetensors nor pytorch_model.bin") from None
+        config_file = path / "config.json"
+    else:
+        weights, config_file = path, path.parent / "config.json"
+    config = read_json(config_file, dict, "model config") if config_file.is_file() else {}
+    if config and config.get("model_type") not in (None, "esm"):
+        raise LanguageModelError(f"{path}: config model_type is {config.get('model_type')!r}, not 'esm'")
+    return weights, config
 
 
 def load_hf_esm(path: Path, heads: Optional[int] = None):
-    """A fair-esm ESM2 from a Hugging Face ESM checkpoint (directory or weights file)."""
+    """A fair-esm ESM2 from a Hugging Face ESM checkpoint (directory or weights file): an `EsmModel`/`EsmFor*`,
+    or the ESM-2 inside an `EsmForProteinFolding` folder (its `esm.*` tensors; the folding part is not read here).
+    config.json's fields that change the forward are honoured or refused (`hf_esm_settings`)."""
     path = Path(path)
-    weights = path
-    config = {}
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                weights = path / name
-                break
-        else:
-            raise LanguageModelError(f"{path} has neither model.safetensors nor pytorch_model.bin")
-        if (path / "config.json").is_file():
-            config = read_json(path / "config.json", dict, "model config")
-    elif (path.parent / "config.json").is_file():
-        config = read_json(path.parent / "config.json", dict, "model config")
-    if config and config.get("model_type") not in (None, "esm"):
-        raise LanguageModelError(f"{path}: config model_type is {config.get('model_type')!r}, not 'esm'")
-    if config.get("position_embedding_type", "rotary") != "rotary" or config.get("emb_layer_norm_before"):
-        raise LanguageModelError(f"{path}: only ESM-2 style checkpoints (rotary, no emb_layer_norm_before) convert "
-                                 "to fair-esm ESM2")
-    if config.get("layer_norm_eps", 1e-5) != 1e-5:
-        log.warning("%s: layer_norm_eps=%s, but fair-esm's ESM2 uses 1e-5; outputs will differ slightly",
-                    path, config["layer_norm_eps"])
-    raw = load_safetensors(weights, check_values=False) if weights.suffix == ".safetensors" else torch_load(weights)
-    if not isinstance(raw, dict):
-        raise LanguageModelError(f"{weights}: not a state dict")
-    check_tensors({k: v for k, v in raw.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}, weights)
-    sd, ignored = convert_hf_esm_state_dict(raw)
+    weights, config = _hf_folder(path)
+    folding = bool(config.get("is_folding_model"))  # ESMFold: its ESM-2 (esm.*) only
+    raw = read_hf_weights(weights, keep=(lambda k: k.startswith("esm.")) if folding else None)
+    settings = hf_esm_settings(config, raw, path)
+    check_tensors({k: v for k, v in raw.items() if v.is_floating_point()}, weights)
+    try:
+        sd, ignored = convert_hf_esm_state_dict(raw)
+    except LanguageModelError as exc:
+        raise LanguageModelError(f"{weights}: {exc}") from None
     heads = heads or config.get("num_attention_heads")
     n_layers, dim, heads = _infer_shape(sd, heads)
     ffn = sd["layers.0.fc1.weight"].shape[0]
     if ffn != 4 * dim:  # fair-esm's ESM2 fixes the feed-forward width at 4·d
         raise LanguageModelError(f"{path}: feed-forward width {ffn} is not 4 x {dim}; not an ESM-2 architecture")
-    model = _build_esm2(n_layers, dim, heads)
+    if sd["embed_tokens.weight"].shape[0] != 33:
+        raise LanguageModelError(f"{path}: {sd['embed_tokens.weight'].shape[0]} token embeddings; ESM-2 has 33")
+    model = _build_esm2(n_layers, dim, heads, token_dropout=settings["token_dropout"])
+    set_layer_norm_eps(model, settings["layer_norm_eps"])
     sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])  # tied in fair-esm
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected:

@@ -19,7 +19,13 @@ Two entry points:
     all) gets its trunk and heads from `cfg.model.init_from`, a fair-esm ESMFold file whose shapes
     match the config (a `ConfigError` names every difference otherwise).
 
-The other way, a model of ours written in that format, is `esmfold_write.export_esmfold_checkpoint`.
+Both also take Hugging Face's ESMFold (transformers' `EsmForProteinFolding` folder, or the weights file in
+one): `hf_esmfold` reads it into the same cfg["model"] layout and state-dict names, and its ESM-2 is the
+folder's own (`lm` replaces it). `model.init_from` names the weights file, since a run records the SHA-256
+of one file.
+
+The other way, a model of ours written in that format, is `esmfold_write.export_esmfold_checkpoint`
+(`export_hf_esmfold` for a Hugging Face folder).
 
 Reading is weights-only: the unpickler may build tensors and exactly the OmegaConf container
 classes a config pickles (`OMEGACONF_PICKLE_CLASSES`), nothing else; a file that asks for more is
@@ -46,6 +52,7 @@ from ...runtime.artifacts import check_tensors, torch_load
 from ...runtime.errors import ArtifactError, ConfigError
 from .config import base_config, structure_module_config, trunk_config
 from .confidence import read_file_record
+from .hf_esmfold import hf_folder, is_hf_esmfold, read_hf_esmfold
 from ..model.lm import load_language_model, looks_like_path
 from ..model.esmfold import AdaptedESMFold
 
@@ -159,8 +166,15 @@ def read_esmfold_checkpoint(path: PathLike) -> tuple[dict, dict]:
 
 def read_esmfold_file(path: PathLike) -> tuple[dict, dict, Optional[dict]]:
     """`read_esmfold_checkpoint`'s two, and the record of how the file's confidence heads were trained (None for
-    files without one, as Meta's; `confidence.read_file_record`)."""
+    files without one, as Meta's; `confidence.read_file_record`).
+
+    A directory, or a weights file with config.json beside it, is a Hugging Face `EsmForProteinFolding` folder
+    (`hf_esmfold.read_hf_esmfold`: cfg["model"] in fair-esm's layout, the folding state in our names, and the
+    record config.json holds, None in Meta's)."""
     path = Path(path).expanduser()
+    if is_hf_esmfold(path):
+        model_cfg, state, record, _ = read_hf_esmfold(path)
+        return model_cfg, state, record
     data = _unpickle(path)
     if not isinstance(data, dict):
         raise ArtifactError(path, f"not a fair-esm ESMFold checkpoint (a {type(data).__name__}, expected a dict "
@@ -297,8 +311,9 @@ def load_esmfold_state(model: AdaptedESMFold, state: Mapping, path: PathLike) ->
 def config_from_checkpoint(path: PathLike, lm=None, model_cfg: Optional[Mapping] = None) -> mlc.ConfigDict:
     """The project config of the model in a fair-esm ESMFold file (frozen LM, no adapter).
 
-    `lm` overrides the ESM-2 that `esm_type` names: a fair-esm name, a path (fair-esm .pt or Hugging
-    Face ESM directory), or a mapping of `model.lm` keys. `model.init_from` is the file itself, so
+    `lm` overrides the ESM-2 that `esm_type` names (a Hugging Face ESMFold folder: the folder's own): a fair-esm
+    name, a path (fair-esm .pt or Hugging Face ESM directory), or a mapping of `model.lm` keys.
+    `model.init_from` is the file itself (a Hugging Face folder's weights file), so
     `build_model(cfg)` followed by `init_from_checkpoint(model, cfg)` rebuilds the same model.
     """
     path = Path(path).expanduser()
@@ -308,6 +323,10 @@ def config_from_checkpoint(path: PathLike, lm=None, model_cfg: Optional[Mapping]
     esm_type = model_cfg.get("esm_type") or DEFAULT_ESM_TYPE
     cfg = base_config()
     cfg.name = f"esmfold-{path.stem}"
+    if is_hf_esmfold(path):  # a Hugging Face folder: its own ESM-2 unless `lm` names another; the run records a file
+        folder, path = hf_folder(path)
+        cfg.name = f"esmfold-{folder.name}"
+        lm = {"path": str(folder), "name": ""} if lm is None else lm
     cfg.model.lm = _lm_config(lm, str(esm_type), path)
     cfg.model.trunk = trunk_from_checkpoint(model_cfg, path)
     hid = model_cfg.get("lddt_head_hid_dim", 128)
@@ -321,7 +340,9 @@ def config_from_checkpoint(path: PathLike, lm=None, model_cfg: Optional[Mapping]
 
 def load_esmfold_checkpoint(path: PathLike, lm=None, device: Union[str, torch.device] = "cpu"
                             ) -> tuple[AdaptedESMFold, mlc.ConfigDict]:
-    """(model in eval mode on `device`, its project config) from a fair-esm ESMFold checkpoint.
+    """(model in eval mode on `device`, its project config) from a fair-esm ESMFold checkpoint or a Hugging Face
+    ESMFold folder (then the LM is the folder's unless `lm` is given; it predicts what transformers'
+    `EsmForProteinFolding` predicts, its LM in float32).
 
     The model predicts what fair-esm's `ESMFold` predicts from the same file (with its LM in float32,
     as fair-esm's `esm-fold --cpu-only` runs it; on GPU fair-esm runs the LM in float16). The LM is
@@ -347,7 +368,9 @@ def _differences(ours: Mapping, theirs: Mapping, keys, prefix: str) -> list[str]
 
 
 def init_from_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict) -> None:
-    """Give a freshly built model the trunk and heads of `cfg.model.init_from` (a fair-esm ESMFold file).
+    """Give a freshly built model the trunk and heads of `cfg.model.init_from` (a fair-esm ESMFold file, or the
+    weights file of a Hugging Face ESMFold folder; a folder is refused with that file's name, as a run records
+    the SHA-256 of one file).
 
     The config must describe the checkpoint's architecture (trunk and structure-module shapes,
     `lddt_head_hid_dim`, and an LM of the depth and width the trunk was trained on); otherwise a
@@ -358,6 +381,9 @@ def init_from_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict) -> None:
     if not source:
         return
     path = Path(str(source)).expanduser()
+    if path.is_dir():  # a run records the SHA-256 of one file (run.checkpoint.PretrainedRecord)
+        raise ConfigError(f"model.init_from={path}: a folder; name the Hugging Face ESMFold's weights file in it "
+                          f"(model.init_from={hf_folder(path)[1]})")
     model_cfg, state, record = read_esmfold_file(path)
     _check_flags(model_cfg, path)
     theirs = trunk_from_checkpoint(model_cfg, path)

@@ -157,3 +157,46 @@ def export_esmfold_checkpoint(model: AdaptedESMFold, cfg: mlc.ConfigDict, path: 
              f", language model in {written_lm}" if written_lm else "")
     return {"path": str(path), "esm_type": esm_type, "adapters_merged": merged,
             "lm_out": str(written_lm) if written_lm else None, "tensors": len(state)}
+
+
+def export_hf_esmfold(model: AdaptedESMFold, cfg: mlc.ConfigDict, folder: PathLike, *,
+                      esm_type: Optional[str] = None, lm_name: Optional[str] = None) -> dict:
+    """Write `model` as a Hugging Face `EsmForProteinFolding` folder: config.json and model.safetensors (with its
+    .sha256 beside it), each replaced atomically; the folder is created if needed.
+
+    The weights hold the whole model: the trunk, embeddings and heads (a trunk adapter merged) and the ESM-2 (an
+    LM adapter merged, in transformers' `EsmModel` names), all in float32, with `fp16_esm` false in the config, so
+    that `EsmForProteinFolding.from_pretrained(folder)` predicts what `model` predicts (`hf_esmfold.hf_config` and
+    `hf_state`); config.json also records how the confidence heads were trained (`confidence.RECORD_KEY`, as
+    the fair-esm export does; transformers keeps it as an unused attribute). `esmfold_config.esm_type` is
+    `esm_type`, else the one `esm_type_for` gives for the LM's shape, else null (transformers does not read it).
+    The model itself is left as it was. Returns what was written.
+    """
+    from ...atomic import write_json_atomic
+    from ...runtime.artifacts import save_safetensors
+    from ..model.lm import fair_esm_to_hf_state_dict
+    from .hf_esmfold import CONFIG, hf_config, hf_state
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; a Hugging Face ESMFold is written as a folder")
+    if esm_type is None:
+        try:
+            esm_type = esm_type_for(model.esm, str(cfg.model.lm.name) if lm_name is None else lm_name)
+        except UserError:
+            esm_type = None  # an ESM-2 of no public shape: transformers does not need it
+    merged = [name for name, part in (("trunk", model.trunk), ("language model", model.esm)) if has_adapters(part)]
+    with _adapters_merged(model.trunk), _adapters_merged(model.esm):
+        fold = _plain_state(model, skip=("esm.",))
+        lm = fair_esm_to_hf_state_dict(_plain_state(model.esm))
+    state = hf_state(fold, lm, model.af2_to_esm.detach().cpu().clone())
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
+    record = file_record(model_heads(model, cfg))  # how the heads were trained (our reader reads it back)
+    write_json_atomic(folder / CONFIG, hf_config(cfg.model.trunk.to_dict(), cfg.model.lddt_head_hid_dim, esm_type,
+                                                 model.esm, record))
+    log.info("wrote %s (Hugging Face EsmForProteinFolding%s)", folder, f", {' and '.join(merged)} adapter merged"
+             if merged else "")
+    return {"path": str(folder), "esm_type": esm_type, "adapters_merged": merged, "lm_out": None,
+            "tensors": len(state)}
