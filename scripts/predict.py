@@ -72,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training run directory (config.json, model/, adapter/, checkpoints/); under torchrun "
                             "write --run-dir (torchrun's own parser takes --run for its --run-path)")
     model.add_argument("--esmfold", type=Path, metavar="CKPT",
-                       help="a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) instead of a training run")
+                       help="a pretrained ESMFold instead of a training run: a fair-esm checkpoint (e.g. "
+                            "esmfold_3B_v1.pt) or a Hugging Face EsmForProteinFolding folder (config.json + weights, "
+                            "its ESM-2 inside)")
     parser.add_argument("--lm", metavar="LM",
-                        help="with --esmfold: the ESM-2 it runs on (the checkpoint does not hold its weights): a "
-                             "fair-esm .pt file, a Hugging Face ESM directory or a fair-esm name (default: the one "
-                             "the checkpoint's esm_type names, e.g. esm2_t36_3B_UR50D from the torch hub cache)")
+                        help="with --esmfold: the ESM-2 it runs on: a fair-esm .pt file, a Hugging Face ESM directory "
+                             "or a fair-esm name (default: a Hugging Face folder's own; for a fair-esm checkpoint, "
+                             "which holds no LM, the one its esm_type names, e.g. esm2_t36_3B_UR50D from the torch "
+                             "hub cache)")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="with --run: use this training checkpoint (EMA weights when it has them) instead of "
                              "the run's exported model; the run's config.json describes the model")

@@ -156,6 +156,8 @@ def pytest_collection_modifyitems(session, config, items):
 
     torch.set_num_threads(1)
     files = {test_file for test_file, _ in background.JOBS.values()}
+    if config.option.collectonly:  # nothing will run: no job to start
+        return
     background.runner.start([name for name, (test_file, _) in background.JOBS.items()
                              if any(item.path.name == test_file for item in items)])
     items.sort(key=lambda item: item.path.name in files)  # stable: the order within each group is kept

@@ -426,3 +426,17 @@ def test_export_script_writes_a_folder(tiny_lorta_run, tmp_path, capsys):
     run_model, _ = load_trained_model(tiny_lorta_run)
     theirs = EsmForProteinFolding.from_pretrained(out).eval()
     assert_same(predict(run_model.eval()), predict(theirs))
+
+
+def test_a_run_config_takes_the_folder_as_init_from(folder):
+    """A new run's model.init_from may name the folder: the config resolves it to the weights file it records."""
+    from esmfold_peft.fold.run.resolve import fill_defaults
+
+    cfg = config_from_checkpoint(folder)
+    cfg.model.init_from = str(folder)
+    fill_defaults(cfg)
+    assert cfg.model.init_from == str(folder / "model.safetensors")
+    cfg.model.init_from = str(folder.parent)  # a folder that is no ESMFold: named in one line
+    with pytest.raises(ArtifactError) as exc:
+        fill_defaults(cfg)
+    one_line(exc, folder.parent)

@@ -192,9 +192,10 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
         run_dir: the training run directory (its config, exported model and adapter); None with `esmfold`.
         out_dir: output directory (created if needed; files of the same names are replaced).
         checkpoint: a training checkpoint to use instead of the run's exported model.
-        esmfold: a fair-esm ESMFold checkpoint (e.g. esmfold_3B_v1.pt) to predict with instead of a run.
-        lm: the ESM-2 for `esmfold` (its checkpoint does not hold the LM's weights): a fair-esm .pt, a
-            Hugging Face ESM directory or a fair-esm model name; None takes the one its config names.
+        esmfold: a pretrained ESMFold to predict with instead of a run: a fair-esm checkpoint (e.g.
+            esmfold_3B_v1.pt) or a Hugging Face EsmForProteinFolding folder.
+        lm: the ESM-2 for `esmfold`: a fair-esm .pt, a Hugging Face ESM directory or a fair-esm model
+            name; None takes a Hugging Face folder's own, or the one a fair-esm checkpoint's config names.
         num_recycles: trunk recycles; None takes the run's `val.num_recycles` (ESMFold: as esm-fold,
             the trunk's max_recycles passes).
         device: 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available (under torchrun, each

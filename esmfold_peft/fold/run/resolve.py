@@ -31,13 +31,18 @@ ADDED_LATER = ("model.lm.sdpa", "model.lm.storage_dtype", "model.trainable", "mo
 
 
 def fill_defaults(cfg: mlc.ConfigDict) -> None:
-    """Defaults that depend on where things are (demo data root, cache folder, `{demo}` in the LM path)."""
+    """Defaults that depend on where things are (demo data root, cache folder, `{demo}` in the LM path), and a
+    Hugging Face ESMFold folder as `model.init_from` named by its weights file (the file a run records)."""
     if cfg.data.source == "demo" and not cfg.data.root:
         cfg.data.root = str(project_root() / "data" / "demo")
     if "{demo}" in cfg.model.lm.path:
         cfg.model.lm.path = cfg.model.lm.path.replace("{demo}", cfg.data.root or str(project_root() / "data" / "demo"))
     if not cfg.data.cache_dir:
         cfg.data.cache_dir = str(project_root() / "data" / "cache" / cfg.data.source)
+    if cfg.model.init_from and Path(str(cfg.model.init_from)).expanduser().is_dir():
+        from .hf_esmfold import hf_folder  # a Hugging Face ESMFold folder: the run records its weights file
+
+        cfg.model.init_from = str(hf_folder(cfg.model.init_from)[1])
 
 
 def finish(cfg: mlc.ConfigDict) -> mlc.ConfigDict:
