@@ -415,7 +415,10 @@ def _margin(s: dict) -> str:
 
 
 def _correlation(s: dict) -> str:
-    return f"{s['pearson_r']:.2f}" if s.get("pearson_r") is not None else "n too small"
+    """Pearson's r, or why there is none (too few chains, or pLDDT that hardly varies between them)."""
+    if s.get("pearson_r") is not None:
+        return f"{s['pearson_r']:.2f}"
+    return "none: n too small" if "fewer than" in (s.get("correlation_caveat") or "") else "none: pLDDT flat"
 
 
 def markdown(results: dict) -> str:
@@ -429,7 +432,8 @@ def markdown(results: dict) -> str:
              "Held-out variants only; LDDT-Cα is the global pooled score per chain, mean over chains; 'above "
              "baseline' is LDDT-Cα minus the better sequence-only baseline's (an ideal helix or a compact random "
              "chain of the same length); ECE is the expected calibration error of per-residue pLDDT/100 against "
-             "LDDT-Cα (0 is perfect); r is Pearson's over chains (mean pLDDT against LDDT-Cα).", "",
+             "LDDT-Cα (0 is perfect); r is Pearson's over chains (mean pLDDT against LDDT-Cα), none when fewer than 10 "
+             "chains or when the chains' mean pLDDT hardly varies (standard deviation under 1 point).", "",
              "| model | held-out variants of | chains | LDDT-Cα | above baseline | mean pLDDT | ECE | r | TM-score |",
              "|---|---|---|---|---|---|---|---|---|"]
     for family in ("new", "base"):

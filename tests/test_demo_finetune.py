@@ -57,7 +57,7 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_
         assert results["stages"][name]["wall_s"] >= 0 and results["stages"][name]["cpu_s"] >= 0
     table = (out / "results.md").read_text()
     assert table.count("| fine-tuned, heads frozen |") == 2 and table.count("| base (exported file) |") == 2
-    assert table.count("| fine-tuned, heads trained |") == 2 and "| n too small |" in table
+    assert table.count("| fine-tuned, heads trained |") == 2 and "| none: n too small |" in table
     assert all(f"| {name} |" in table for name in ("families", "base", "export", "finetune", "finetune_heads",
                                                    "evaluate"))
     assert "scripts/train_fold.py --config demo" in table and "scripts/export_esmfold.py" in table

@@ -440,3 +440,23 @@ def test_a_run_config_takes_the_folder_as_init_from(folder):
     with pytest.raises(ArtifactError) as exc:
         fill_defaults(cfg)
     one_line(exc, folder.parent)
+
+
+def test_a_rotary_config_with_a_saved_position_table_is_rotary(tmp_path):
+    """Older transformers saved an (unused) absolute position table beside rotary ESM-2 weights, as the demo's
+    ESM-2 8M folder has: the config's rotary decides, and the outputs are transformers' own."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_hf_esm(tmp_path / "esm", token_dropout=True, layer_norm_eps=1e-5)
+    weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    state = load_file(weights)
+    state["embeddings.position_embeddings.weight"] = torch.zeros(TINY_LM.get("max_position_embeddings", 1026),
+                                                                 TINY_LM["hidden_size"])
+    save_file(state, weights)
+    ours, _, _ = load_language_model({"path": str(folder), "name": ""})
+    theirs = EsmModel.from_pretrained(folder).eval()  # rotary: the table is ignored
+    toks = torch.tensor([[0, 5, 6, 7, 8, 9, 2]])
+    with torch.no_grad():
+        a = ours.eval()(toks, repr_layers=[ours.num_layers])["representations"][ours.num_layers]
+        b = theirs(toks).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

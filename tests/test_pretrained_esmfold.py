@@ -19,6 +19,7 @@ from torch import nn
 
 import esmfold_peft.compat as compat  # fair-esm's dataclasses on Python >= 3.11
 from esmfold_peft.fold.model.lm import load_fair_esm_checkpoint
+from esmfold_peft.fold.model.esm_attention import disable_sdpa
 from esmfold_peft.fold.run.esmfold_read import (ESM_TYPES, config_from_checkpoint, init_from_checkpoint,
                                           load_esmfold_checkpoint, load_esmfold_state, omegaconf_pickle_classes,
                                           read_esmfold_checkpoint, trunk_from_checkpoint)
@@ -126,12 +127,12 @@ def predict(model, fair: bool, num_recycles=0):
         return model(aatype, mask, residx, num_recycles=num_recycles)
 
 
-def assert_same(a, b, exact=True):
+def assert_same(a, b, exact=True, atol=1e-4):
     for key in COMPARED:
         if exact:
             assert torch.equal(a[key], b[key]), key
         else:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-4, msg=key)
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +179,8 @@ def test_predicts_exactly_what_fair_esm_predicts(ckpt, lm_file, monkeypatch):
 def test_default_attention_path_agrees_to_float_rounding(ckpt, lm_file, monkeypatch):
     fair = fair_esm_model(ckpt, lm_file, monkeypatch)
     ours, _ = load_esmfold_checkpoint(ckpt, lm=lm_file)  # a Path; the LM's SDPA attention on
-    assert_same(predict(fair, True), predict(ours, False), exact=False)
+    # another summation order in the LM's attention, carried through a random trunk: 1e-3 (Å for positions)
+    assert_same(predict(fair, True), predict(ours, False), exact=False, atol=1e-3)
 
 
 def test_language_model_from_esm_type(ckpt, lm_file, monkeypatch, tmp_path):
@@ -192,13 +194,15 @@ def test_language_model_from_esm_type(ckpt, lm_file, monkeypatch, tmp_path):
     ours, cfg = load_esmfold_checkpoint(ckpt)
     assert asked == ["esm2_t36_3B_UR50D"] and cfg.model.lm.name == "esm2_t36_3B_UR50D" and not cfg.model.lm.path
     fair = fair_esm_model(ckpt, lm_file, monkeypatch)
-    assert_same(predict(fair, True), predict(ours, False), exact=False)
+    disable_sdpa(ours.esm)  # fair-esm's own attention: the same model gives the same bits (SDPA: tested below)
+    assert_same(predict(fair, True), predict(ours, False))
     # a structure-module-only checkpoint (0 folding blocks) of the 8M ESM-2, by fair-esm's own registry name
     sm_only = write_esmfold(tmp_path / "esmfold_structure_module_only_8M.pt", lm_file, monkeypatch, num_blocks=0,
                             esm_type="esm2_8M")
     ours, cfg = load_esmfold_checkpoint(sm_only)
     assert asked[-1] == ESM_TYPES["esm2_8M"] == "esm2_t6_8M_UR50D_500K"
-    assert_same(predict(fair_esm_model(sm_only, lm_file, monkeypatch), True), predict(ours, False), exact=False)
+    disable_sdpa(ours.esm)
+    assert_same(predict(fair_esm_model(sm_only, lm_file, monkeypatch), True), predict(ours, False))
     ours, _ = load_esmfold_checkpoint(sm_only, lm="esm2_t6_8M_UR50D")  # a name overrides esm_type's
     assert asked[-1] == "esm2_t6_8M_UR50D"
 

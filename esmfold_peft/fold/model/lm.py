@@ -229,7 +229,7 @@ def hf_esm_settings(config: dict, raw: Dict[str, torch.Tensor], path: Path) -> d
 
     Honoured: token_dropout (transformers' default, False, when config.json omits it; a weights file without
     config.json is taken as ESM-2's True), layer_norm_eps (every LayerNorm's eps). Refused: position_embedding_type
-    other than rotary (also inferred from absolute position weights), emb_layer_norm_before, rope_theta other
+    other than rotary (inferred from absolute position weights when the config omits it), emb_layer_norm_before, rope_theta other
     than 10000, is_decoder and add_cross_attention, and any vocabulary but ESM-2's. hidden_act is not read
     (transformers' ESM always uses erf GELU, as fair-esm).
     """
@@ -239,9 +239,11 @@ def hf_esm_settings(config: dict, raw: Dict[str, torch.Tensor], path: Path) -> d
         return {"token_dropout": True, "layer_norm_eps": 1e-5}
     absolute = "embeddings.position_embeddings.weight" in {k[len("esm."):] if k.startswith("esm.") else k
                                                             for k in raw}
+    # older transformers saved a (then unused) position-embedding table whatever the type: the config decides,
+    # the weights only when it says nothing
     position = config.get("position_embedding_type") or ("absolute" if absolute else "rotary")
     refused = [(name, value) for name, value, ok in (
-        ("position_embedding_type", position, position == "rotary" and not absolute),
+        ("position_embedding_type", position, position == "rotary"),
         ("emb_layer_norm_before", config.get("emb_layer_norm_before"), not config.get("emb_layer_norm_before")),
         ("rope_theta", config.get("rope_theta"), float(config.get("rope_theta") or ROPE_THETA) == ROPE_THETA),
         ("is_decoder", config.get("is_decoder"), not config.get("is_decoder")),

@@ -101,13 +101,15 @@ def hf_folder(path) -> tuple[Path, Path]:
     return folder, path
 
 
-def read_hf_config(folder: Path) -> dict:
-    """config.json of an EsmForProteinFolding folder, with its `esmfold_config` checked (`check_esmfold_config`)."""
+def read_hf_config(folder: Path, given: Optional[Path] = None) -> dict:
+    """config.json of an EsmForProteinFolding folder, with its `esmfold_config` checked (`check_esmfold_config`);
+    `given`: the path the user named (a file in the folder), which the fault of a wrong folder names."""
     path = folder / CONFIG
     config = read_json(path, dict, "model config")
     if "model_type" not in config and {"model", "train"} <= set(config):
-        raise ArtifactError(folder, "is a training run of this project, not an ESMFold folder (predict from it with "
-                                    "--run)")
+        where = "is in" if given is not None and given != folder else "is"
+        raise ArtifactError(given or folder, f"{where} a training run of this project, not an ESMFold folder "
+                                             "(predict from the run with --run)")
     if config.get("model_type") != "esm":
         raise ArtifactError(path, f"model_type is {config.get('model_type')!r}: not a transformers ESM model")
     if not config.get("is_folding_model"):
@@ -207,7 +209,7 @@ def read_hf_esmfold(path) -> tuple[dict, dict, Optional[dict], Path]:
     path = Path(path).expanduser()
     path = path.parent if path.name == CONFIG and path.is_file() else path
     folder = path if path.is_dir() else path.parent
-    config = read_hf_config(folder) if (folder / CONFIG).is_file() else None  # what it is, before what it lacks
+    config = read_hf_config(folder, path) if (folder / CONFIG).is_file() else None  # what it is, before what it lacks
     folder, weights = hf_folder(path)
     record = read_file_record(config, folder / CONFIG)
     raw = read_hf_weights(weights, keep=lambda k: not k.startswith("esm."))  # the ESM-2 is load_hf_esm's
