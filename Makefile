@@ -26,7 +26,7 @@ demo-nlp: setup
 	@echo "NLP demo results: $(NLP_DEMO)/*/summary.json, curves in */training_curves.png, generations in $(NLP_DEMO)/alpaca-lorta-r4/generations.jsonl; docs/nlp.md explains them"
 
 # the fine-tuning recipe on CPU: a small ESMFold trained here, exported in fair-esm's format, fine-tuned with
-# LoRTA on a distant synthetic family (sequences it never saw), scored before and after (docs/finetune.md); ~25 min
+# LoRTA on a distant synthetic family (sequences it never saw), scored before and after, confidence heads frozen and trained (docs/finetune.md); ~30 min
 demo-finetune: setup
 	$(PY) scripts/demo_finetune.py
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Demonstrate fine-tuning a pretrained ESMFold with LoRTA on a family it never saw, on CPU.
 
-One command, five stages, each in its own directory under --out: synthetic families made from TS50
+One command, six stages, each in its own directory under --out: synthetic families made from TS50
 chains (families/), a base model trained here from scratch on some of them (base/), that model
 exported in fair-esm's ESMFold format (base_esmfold.pt), fine-tuned from the file with LoRTA on the
-language model and the trunk, everything else frozen, on a new family (finetune/), and the held-out
-variants of the new and the old families predicted and scored before and after (eval/). The table
-goes to results.md and results.json and is printed at the end.
+language model and the trunk, everything else frozen, on a new family (finetune/), the same with the
+confidence heads trained too (finetune_heads/), and the held-out variants of the new and the old
+families predicted and scored before and after (eval/): LDDT-Cα beside sequence-only baselines, and
+how well pLDDT is calibrated. The table goes to results.md and results.json and is printed at the end.
 
 The new family is by default distant: variants of a base family's parent with 60% of residues
 substituted (sequences the base never saw, on a fold it knows: the usual reason to fine-tune
@@ -18,7 +19,7 @@ their parent's backbone; see docs/finetune.md), so the numbers show the mechanic
 not what fine-tuning does for a real protein family.
 
 Examples:
-  python scripts/demo_finetune.py                                   # runs/demo-finetune (about 25 min on 2 CPU cores)
+  python scripts/demo_finetune.py                                   # runs/demo-finetune (about 30 min on 2 CPU cores)
   python scripts/demo_finetune.py --out runs/ft-unseen --new-family unseen --new-rate 0.3   # a fold the base never saw
   python scripts/demo_finetune.py --smoke --out /tmp/ft-smoke       # every stage on the tiniest shapes (seconds)
 """
@@ -48,13 +49,15 @@ Examples:
 # 3. `base_esmfold.pt`: that model exported to fair-esm's ESMFold format (`export_esmfold_checkpoint`);
 # 4. `finetune/`: fine-tuned from that file (`model.init_from`) on the new family's training variants
 #    with LoRTA on the language model and the trunk (`adapter.scope=both`, `model.trainable=""`: the
-#    trunk, structure module, embeddings and heads stay frozen);
+#    trunk, structure module, embeddings and heads stay frozen); `finetune_heads/`: the same with the
+#    confidence heads trained too (`model.trainable=confidence` at `optim.confidence_lr`);
 # 5. `eval/`: the held-out variants of the new family and of the base families predicted (by
 #    `predict.predict_fasta`, the fine-tuned adapter merged) and scored (`eval.evaluate_paths`) with
 #    the base file and with the fine-tuned run.
 #
-# `results.json` and `results.md` hold the table: LDDT-Cα and mean pLDDT before and after, on the
-# new family and on the old ones (forgetting), trainable parameters, wall and CPU seconds per stage.
+# `results.json` and `results.md` hold the table: LDDT-Cα (and its margin above the sequence-only
+# baselines), mean pLDDT, its calibration error (ECE) and correlation, before and after, heads frozen and
+# trained, on the new family and on the old ones (forgetting), trainable parameters, wall and CPU seconds.
 
 
 from __future__ import annotations
