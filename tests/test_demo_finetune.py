@@ -42,7 +42,7 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_
     heads = results["stages"]["finetune_heads"]["trainable_parameters"]  # the adapters and the confidence heads
     assert heads["adapter"] == ft["trainable_parameters"]["adapter"] and heads["trunk_and_heads"] > 0
     heads_cfg = json.loads((out / "finetune_heads" / "config.json").read_text())
-    assert heads_cfg["model"]["trainable"] == "confidence" and heads_cfg["optim"]["confidence_lr"] == 1e-3
+    assert heads_cfg["model"]["trainable"] == "confidence" and heads_cfg["optim"]["confidence_lr"] == 1e-2
     assert json.loads((out / "finetune" / "config.json").read_text())["model"]["init_from"].endswith("base_esmfold.pt")
     assert (out / "base_esmfold.pt").is_file() and results["stages"]["export"]["esm_type"] == "esm2_8M_270K"
     assert {(s["model"], s["family"]) for s in results["scores"]} == {

@@ -461,6 +461,7 @@ def test_finetune_config_describes_esmfold_v1():
         assert ours[key] == v1[key], key
     assert ours["structure_module"] == v1["structure_module"]
     assert cfg.model.lm.name == ESM_TYPES["esm2_3B"] and cfg.model.lddt_head_hid_dim == 128
+    assert cfg.model.trainable == "confidence"  # the pLDDT head calibrates beside the adapters (docs/finetune.md)
     json.dumps(cfg.to_dict())  # storable as a run's config.json
 
 
