@@ -98,9 +98,7 @@ def test_no_traceback_when_the_reader_closes_the_pipe():
     py = shlex.quote(sys.executable)
     count = f"{py} scripts/count_params.py --arch esm2_t12_35M --adapter lorta --rank 8"
     head = _pipe(f"{count} | head -1")
-    assert head.stdout.startswith("architecture") and "Traceback" not in head.stderr, head.stderr
-    closed = _pipe(f"{count} | true")  # the reader is gone before the script writes
-    assert closed.stderr == "", closed.stderr
+    assert head.stdout.startswith("architecture") and head.stderr == "", head.stderr
     writer = subprocess.Popen(  # far more than a pipe holds: a write itself breaks once the reader is gone
         [sys.executable, "-c", "import sys; from esmfold_peft.runtime.cli import run_main; "
                                "sys.exit(run_main(lambda: [print(i) for i in range(200000)] and 0))"],

@@ -84,10 +84,21 @@ def _scores(pred: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray, cutoff: flo
 def baseline_scores(ref_ca: np.ndarray, ref_mask: Optional[np.ndarray] = None, cutoff: float = LDDT_CUTOFF,
                     superpose: bool = True) -> dict[str, dict[str, float]]:
     """{"helix": {...}, "compact": {...}}: LDDT-Cα (global pooled) and, with `superpose`, TM-score and GDT-TS
-    of each baseline against a reference chain's Cα ([n, 3], `ref_mask` [n] where the Cα exists)."""
+    of each baseline against a reference chain's Cα ([n, 3], `ref_mask` [n] where the Cα exists).
+
+    A reference scored again (several models evaluated against the same structures in one process) is
+    looked up, not searched again: the scores depend on the reference alone."""
     ref = np.asarray(ref_ca, dtype=np.float64)
     mask = np.ones(len(ref), dtype=bool) if ref_mask is None else np.asarray(ref_mask, dtype=bool)
     ref = np.where(mask[:, None], ref, 0.0)
+    scores = _reference_baselines(ref.tobytes(), mask.tobytes(), float(cutoff), bool(superpose))
+    return {name: dict(values) for name, values in scores.items()}  # a copy: callers may keep or change it
+
+
+@functools.lru_cache(maxsize=1024)
+def _reference_baselines(ref_bytes: bytes, mask_bytes: bytes, cutoff: float, superpose: bool) -> dict:
+    ref = np.frombuffer(ref_bytes, dtype=np.float64).reshape(-1, 3).copy()  # writable: torch reads it in lddt_ca
+    mask = np.frombuffer(mask_bytes, dtype=bool).copy()
     n = len(ref)
     out = {"helix": _scores(ideal_helix(n), ref, mask, cutoff, superpose)}
     walks = [_scores(compact_chain(n, s), ref, mask, cutoff, superpose) for s in COMPACT_SEEDS]
