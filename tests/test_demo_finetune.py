@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+import background
 from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
 from fold_fixtures import load_script
 
@@ -17,11 +18,18 @@ DemoSettings, base_overrides, finetune_overrides, make_families = (
     demo.DemoSettings, demo.base_overrides, demo.finetune_overrides, demo.make_families)
 
 
-def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, tmp_path, capsys):
+@background.job("demo_finetune_smoke_program")
+def demo_finetune_smoke_program(folder):
+    out = folder / "demo"
+    return background.run("scripts/demo_finetune.py", "--smoke", "--out", str(out), "--no-progress"), out
+
+
+def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, capsys):
+    """The demonstration as a program (in the background while the in-process tests run), then rerun in-process."""
     script = load_script("demo_finetune")
-    out = tmp_path / "demo"
-    assert script.main(["--smoke", "--out", str(out), "--no-progress"]) == EXIT_OK
-    printed = capsys.readouterr().out
+    proc, out = background.result("demo_finetune_smoke_program")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    printed = proc.stdout
     assert "| fine-tuned, heads frozen | new family" in printed and "next: python scripts/predict.py" in printed
     assert "pLDDT calibration error (ECE" in printed and "above the better sequence-only baseline" in printed
 
