@@ -147,3 +147,24 @@ def load_script(name: str):
     sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look the module up there
     spec.loader.exec_module(module)
     return module
+
+
+def folding_inputs():
+    """Parity inputs of the ESMFold comparisons: two chains, the second padded; an unknown residue (X = 20) and a
+    chain break in the residue index. (aatype, mask, residue index), [2, 12] each."""
+    g = torch.Generator().manual_seed(5)
+    aatype = torch.randint(0, 20, (2, 12), generator=g)
+    aatype[0, 3] = 20
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    aatype[1, 9:] = 0
+    residx = torch.arange(12).expand(2, 12).clone()
+    residx[0, 7:] += 512
+    return aatype, mask, residx
+
+
+def one_line(exc_info, path):
+    """The error's text: one line that names `path`."""
+    text = str(exc_info.value)
+    assert str(path) in text and "\n" not in text, text
+    return text

@@ -17,7 +17,7 @@ from esmfold_peft.fold.model.lm import LanguageModelError, load_hf_esm, load_lan
 from esmfold_peft.fold.run.esmfold_read import config_from_checkpoint, init_from_checkpoint, load_esmfold_checkpoint
 from esmfold_peft.fold.run.hf_esmfold import esmfold_to_hf_key, hf_to_esmfold_key
 from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
-from fold_fixtures import TINY_LM
+from fold_fixtures import TINY_LM, folding_inputs as inputs, one_line
 
 transformers = pytest.importorskip("transformers")
 from transformers import EsmConfig, EsmForProteinFolding, EsmModel  # noqa: E402
@@ -56,19 +56,6 @@ def transformers_model(folder) -> EsmForProteinFolding:
     return model
 
 
-def inputs():
-    """Two chains, the second padded; an unknown residue (X = 20) and a chain break in the residue index."""
-    g = torch.Generator().manual_seed(5)
-    aatype = torch.randint(0, 20, (2, 12), generator=g)
-    aatype[0, 3] = 20
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 9:] = 0
-    aatype[1, 9:] = 0
-    residx = torch.arange(12).expand(2, 12).clone()
-    residx[0, 7:] += 512
-    return aatype, mask, residx
-
-
 def predict(model, num_recycles=None) -> dict:
     """Both models' forward on `inputs()`. transformers' `num_recycles` means what ours (and fair-esm's) means:
     None = the config's max_recycles trunk passes, n = n + 1 passes."""
@@ -84,12 +71,6 @@ def predict(model, num_recycles=None) -> dict:
 def assert_same(a, b):
     for key in COMPARED:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
-
-
-def one_line(exc_info, path):
-    text = str(exc_info.value)
-    assert str(path) in text and "\n" not in text, text
-    return text
 
 
 @pytest.fixture(autouse=True)

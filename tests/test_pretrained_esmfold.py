@@ -25,6 +25,7 @@ from esmfold_peft.fold.run.esmfold_read import (ESM_TYPES, config_from_checkpoin
                                           read_esmfold_checkpoint, trunk_from_checkpoint)
 from esmfold_peft.adapters import get_adapter_set
 from esmfold_peft.runtime.errors import ArtifactError, ConfigError, UserError
+from fold_fixtures import folding_inputs as inputs, one_line
 
 import esm  # noqa: E402  (after compat)
 from esm.esmfold.v1 import esmfold as fair_esmfold  # noqa: E402
@@ -106,19 +107,6 @@ def fair_esm_model(path, lm_file, monkeypatch):
     return model.eval()
 
 
-def inputs():
-    """Two chains, the second padded; an unknown residue (X = 20) and a chain break in the residue index."""
-    g = torch.Generator().manual_seed(5)
-    aatype = torch.randint(0, 20, (2, 12), generator=g)
-    aatype[0, 3] = 20
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 9:] = 0
-    aatype[1, 9:] = 0
-    residx = torch.arange(12).expand(2, 12).clone()
-    residx[0, 7:] += 512
-    return aatype, mask, residx
-
-
 def predict(model, fair: bool, num_recycles=0):
     aatype, mask, residx = inputs()
     with torch.no_grad():
@@ -152,12 +140,6 @@ def lm_file(tmp_path):
 @pytest.fixture()
 def ckpt(tmp_path, lm_file, monkeypatch):
     return write_esmfold(tmp_path / "esmfold_tiny.pt", lm_file, monkeypatch)
-
-
-def one_line(exc_info, path):
-    text = str(exc_info.value)
-    assert str(path) in text and "\n" not in text
-    return text
 
 
 # --- the same predictions as fair-esm -----------------------------------------------------------
