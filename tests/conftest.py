@@ -145,6 +145,18 @@ def tiny_lorta_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test, restored after it: tiny models run many times faster on one thread than
+    on two on a shared machine (modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The collected modules' background jobs start now (tests/background.py); the modules' tests go last.
 

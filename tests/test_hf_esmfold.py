@@ -73,12 +73,7 @@ def assert_same(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 
 @pytest.fixture()

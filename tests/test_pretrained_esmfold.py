@@ -34,7 +34,8 @@ from esm.esmfold.v1.trunk import FoldingTrunkConfig, StructureModuleConfig  # no
 from omegaconf import OmegaConf  # noqa: E402
 
 # fair-esm's loader, given an ESM-2 file without its contact-regression file, says so (contacts are unused here)
-pytestmark = pytest.mark.filterwarnings("ignore:Regression weights not found")
+pytestmark = [pytest.mark.filterwarnings("ignore:Regression weights not found"),
+              pytest.mark.usefixtures("one_thread")]  # tiny models: one torch thread (conftest.py)
 
 COMPARED = ("positions", "frames", "angles", "states", "plddt", "ptm", "distogram_logits", "predicted_aligned_error",
             "lm_logits")
@@ -121,15 +122,6 @@ def assert_same(a, b, exact=True, atol=1e-4):
             assert torch.equal(a[key], b[key]), key
         else:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is many times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()
