@@ -49,6 +49,14 @@ class Correlation:
             d[key] = None if d[key] is None else list(d[key])
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Correlation":
+        """The inverse of `as_dict` (extra keys, as report.json's pTM section has, are ignored)."""
+        values = {k: d[k] for k in cls.__dataclass_fields__}
+        for key in ("pearson_ci95", "spearman_ci95"):
+            values[key] = None if values[key] is None else tuple(values[key])
+        return cls(**values)
+
     def text(self, what: str) -> str:
         """One line for a report, the sample size always in it."""
         if self.caveat:

@@ -220,8 +220,7 @@ def baselines_markdown(summary: dict) -> list[str]:
 
 def calibration_markdown(cal: dict) -> list[str]:
     """report.md's calibration section: statements with their sample sizes, or why there are none."""
-    per_chain = calibration.Correlation(**{k: (tuple(v) if k.endswith("ci95") and v else v)
-                                           for k, v in cal["per_chain"].items()})
+    per_chain = calibration.Correlation.from_dict(cal["per_chain"])
     per_residue = calibration.Reliability(**cal["per_residue"])
     lines = ["## Calibration of pLDDT", ""]
     if per_residue.n == 0:
@@ -231,8 +230,7 @@ def calibration_markdown(cal: dict) -> list[str]:
     lines += per_residue.table() + [""]
     if cal.get("ptm"):
         ptm = cal["ptm"]
-        corr = calibration.Correlation(**{k: (tuple(ptm[k]) if k.endswith("ci95") and ptm[k] else ptm[k])
-                                          for k in calibration.Correlation.__dataclass_fields__})
+        corr = calibration.Correlation.from_dict(ptm)
         lines += ["## Calibration of pTM", "",
                   f"- mean pTM {ptm['mean_ptm']:.3f} against mean TM-score {ptm['mean_tm_score']:.3f}, mean absolute "
                   f"error {ptm['mean_absolute_error']:.3f} over n = {ptm['n']} chains",

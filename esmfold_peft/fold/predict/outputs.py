@@ -24,7 +24,7 @@ from .inputs import encode_sequences, model_length
 
 from openfold.np import protein as of_protein  # noqa: E402
 from openfold.np import residue_constants  # noqa: E402
-from openfold.utils.loss import compute_tm  # noqa: E402
+from openfold.utils.loss import _calculate_bin_centers, compute_tm  # noqa: E402  (the bins compute_tm uses)
 
 PAE_SUFFIX = ".pae.npz"
 PAE_JSON_SUFFIX = ".pae.json"  # the same PAE in AlphaFold DB's JSON format
@@ -180,8 +180,7 @@ def interface_ptm(logits: torch.Tensor, chain_index: torch.Tensor, max_bin: int 
         return float("nan")
     weights = (chain_index >= 0).to(logits)
     boundaries = torch.linspace(0, max_bin, steps=logits.shape[-1] - 1, device=logits.device)
-    step = boundaries[1] - boundaries[0]
-    centres = torch.cat([boundaries + step / 2, (boundaries[-1] + 1.5 * step)[None]])  # openfold's bin centres
+    centres = _calculate_bin_centers(boundaries)  # compute_tm's own bins
     n = max(float(weights.sum()), 19.0)
     d0 = 1.24 * (n - 15) ** (1.0 / 3) - 1.8
     term = (torch.softmax(logits, dim=-1) / (1 + (centres / d0) ** 2)).sum(-1)  # [L, L], expected TM term
