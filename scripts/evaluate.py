@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change the run's config for this evaluation: paths of a moved run's inputs "
                           "(e.g. model.lm.path=…, data.root=…) or model.trunk.chunk_size=64 (repeatable)")
+    run.add_argument("--allow-other-base", action="store_true",
+                     help="load the run's adapters even onto frozen weights other than those they were trained "
+                          "on (e.g. another language model given with --set model.lm.path=...); refused by default")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory for report.json, report.md and the plots (created if needed)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -138,7 +141,8 @@ def evaluate_trained_run(args: argparse.Namespace) -> int:
     """--run mode: validate the run on a split, write the report, return the exit status."""
     run = evaluate_run(args.run, args.out, split=args.split, checkpoint=args.checkpoint, device=args.device,
                        num_recycles=args.num_recycles, max_chains=args.max_chains, plots=not args.no_plots,
-                       progress=not args.no_progress, overrides=args.set)
+                       progress=not args.no_progress, overrides=args.set,
+                       allow_other_base=args.allow_other_base)
     v = run.validation
     print(f"{args.split} split of {args.run}: validation LDDT-Cα {_fmt(v['lddt_ca'])} "
           f"({v['aggregation']}, {v['n_chains']} chain(s)), the number training reports")

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the esm_type to record (default: derived from the run's language model, e.g. "
                              "esm2_8M_270K for esm2_t6_8M_UR50D)")
     add_set_argument(parser, "model.lm.path=/data/esm2_t6_8M_UR50D.pt (a moved language model)")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="load the run's adapters even onto frozen weights other than those they were trained on "
+                             "(refused by default, naming both)")
     return parser
 
 
@@ -72,7 +75,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.format == "hf":
         if args.out.exists() and not args.out.is_dir():
             raise UserError(f"{args.out}: is a file; --format hf writes a folder (e.g. {args.out.with_suffix('')}_hf)")
-        model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set)
+        model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set,
+                                        allow_other_base=args.allow_other_base)
         written = export_hf_esmfold(model, cfg, args.out, esm_type=args.esm_type)
         merged = " and ".join(written["adapters_merged"]) or "no"
         print(f"wrote {written['path']} (Hugging Face EsmForProteinFolding; {merged} adapter merged)")
@@ -81,7 +85,8 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.out.is_dir():
         raise UserError(f"{args.out}: is a directory; give the file to write (e.g. {args.out / 'esmfold.pt'})")
-    model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set)
+    model, cfg = load_trained_model(args.run, args.checkpoint, overrides=args.set,
+                                        allow_other_base=args.allow_other_base)
     written = export_esmfold_checkpoint(model, cfg, args.out, esm_type=args.esm_type, lm_out=args.lm_out)
     lm = written["lm_out"] or cfg.model.lm.path or cfg.model.lm.name
     merged = " and ".join(written["adapters_merged"]) or "no"

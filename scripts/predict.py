@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-tolerance", type=positive_float, default=DEFAULT_MERGE_TOLERANCE, metavar="X",
                         help="largest deviation accepted between merged and unmerged outputs, in Å for atom "
                              "positions and in points for pLDDT (default: %(default)g)")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="with --run: load its adapters even onto frozen weights other than those they were "
+                             "trained on (e.g. another language model given with --set model.lm.path=...); refused "
+                             "by default, naming both")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (the line per record and other log messages stay)")
     parser.add_argument("--quiet", action="store_true",
@@ -148,7 +152,7 @@ def _main(argv: list[str] | None = None) -> int:
                             chunk_size=args.chunk_size, merge=not args.no_merge,
                             merge_tolerance=args.merge_tolerance, progress=not (args.no_progress or args.quiet),
                             overrides=args.set, structure_format=args.structure_format,
-                            skip_existing=args.skip_existing)
+                            skip_existing=args.skip_existing, allow_other_base=args.allow_other_base)
     except MergeMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED

@@ -259,3 +259,23 @@ def test_ctrl_c_writes_what_was_done_and_prints_the_command_that_continues(tiny_
     assert len([s for call in calls for s in call]) == 2
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["status"] == "completed" and summary["n_predicted"] == 3 and summary["n_reused"] == 1
+
+
+def test_a_runs_adapter_on_another_language_model_is_refused_unless_allowed(tiny_lorta_run, tmp_path, capsys,
+                                                                             caplog):
+    """The run's LM adapter knows the weights it was trained on: a same-shape LM with other weights (given with
+    --set model.lm.path) is refused in one line naming both, and --allow-other-base predicts with it anyway."""
+    from fold_fixtures import write_tiny_hf_esm
+
+    other = write_tiny_hf_esm(tmp_path / "other_esm", seed=7)
+    capsys.readouterr()
+    path = fasta(tmp_path, {"a": A})
+    argv = ["-i", str(path), "--run", str(tiny_lorta_run), "--cpu-only", "--no-progress", "--no-merge",
+            "--set", f"model.lm.path={other}"]
+    assert script().main(argv + ["-o", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "--allow-other-base" in err, err
+    assert not (tmp_path / "refused" / "a.pdb").exists()
+    assert script().main(argv + ["-o", str(tmp_path / "allowed"), "--allow-other-base"]) == 0
+    assert (tmp_path / "allowed" / "a.pdb").is_file()
+    assert "loaded anyway" in caplog.text

@@ -84,7 +84,8 @@ def _validated_chain_scores(dataset: ChainDataset, index: int, summary: dict, ou
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", checkpoint: str | Path | None = None,
                  device: str | None = None, num_recycles: int | None = None, max_chains: int | None = None,
-                 plots: bool = True, progress: bool = True, overrides: Sequence[str] = ()) -> EvaluationRun:
+                 plots: bool = True, progress: bool = True, overrides: Sequence[str] = (),
+                 allow_other_base: bool = False) -> EvaluationRun:
     """Evaluate a trained run on one of its data splits, as training validates, and write the report.
 
     Args:
@@ -101,6 +102,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
         progress: progress bars.
         overrides: `key=value` changes to the run's config for this use (a moved language model or
             data folder, `model.trunk.chunk_size`, …); what would change the trained model is refused.
+        allow_other_base: load the run's adapters onto frozen weights other than their own (refused by default).
 
     Raises ConfigError when the run has no chains in `split`, OutputPathError for an unusable
     `out_dir`, and the checkpoint / model loaders' errors for a run that cannot be loaded.
@@ -112,7 +114,8 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, split: str = "val", c
     """
     run_dir = Path(run_dir)
     ensure_writable_dir(out_dir)  # before loading the model and building the split's cache, which take time
-    model, cfg = load_trained_model(run_dir, Path(checkpoint) if checkpoint else None, overrides=overrides)
+    model, cfg = load_trained_model(run_dir, Path(checkpoint) if checkpoint else None, overrides=overrides,
+                                    allow_other_base=allow_other_base)
     dataset = split_dataset(cfg, split, progress=progress)
     torch_device = resolve_device(device)
     bf16 = bool(cfg.train.bf16) and torch_device.type == "cuda"

@@ -141,7 +141,8 @@ class _Loaded:
     default_recycles: int
 
 
-def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], device: torch.device) -> _Loaded:
+def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], device: torch.device,
+                allow_other_base: bool = False) -> _Loaded:
     if esmfold is not None:
         if checkpoint is not None or overrides:
             raise PredictionError("--checkpoint and --set change a training run; they do not apply to --esmfold")
@@ -158,7 +159,8 @@ def _load_model(run_dir, checkpoint, esmfold, lm, overrides: Sequence[str], devi
     if lm is not None:
         raise PredictionError("--lm goes with --esmfold; a run names its language model in its config "
                               "(change it with --set model.lm.path=…)")
-    model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None, overrides=overrides)
+    model, cfg = load_trained_model(Path(run_dir), Path(checkpoint) if checkpoint else None, overrides=overrides,
+                                    allow_other_base=allow_other_base)
     return _Loaded(model, {"run_dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
                            "overrides": list(overrides), "esmfold": None, "lm": None},
                    cfg.adapter.method, model_heads(model, cfg), int(cfg.val.num_recycles))
@@ -184,7 +186,7 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                   max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, chunk_size: Optional[int] = None,
                   merge: bool = True, merge_tolerance: float = DEFAULT_MERGE_TOLERANCE,
                   progress: bool = True, overrides: Sequence[str] = (), structure_format: str = "pdb",
-                  skip_existing: bool = False) -> PredictionRun:
+                  skip_existing: bool = False, allow_other_base: bool = False) -> PredictionRun:
     """Predict every usable record of a FASTA file and write the files (module docstring).
 
     Args:
@@ -211,6 +213,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
         structure_format: "pdb" (`<stem>.pdb`) or "cif" (`<stem>.cif`, mmCIF: the same atoms and B-factors).
         skip_existing: keep a record whose `<stem>.json` was written from the same sequence, model source,
             recycles and format, with its files there (its summary is reused); others are predicted again.
+        allow_other_base: load the run's adapters onto frozen weights other than those they were trained
+            on (a language model replaced with `model.lm.path=…`); refused by default.
 
     `predictions.json` and `summary.tsv` are always written, atomically, for what was done, also when
     interrupted (then `PredictionInterrupted`, a KeyboardInterrupt, is raised with the counts).
@@ -239,7 +243,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                        max_tokens_per_batch=max_tokens_per_batch, chunk_size=chunk_size, merge=merge,
                        merge_tolerance=merge_tolerance, progress=progress, overrides=overrides, started=started,
                        settings={"max_length": max_length or None, "max_tokens_per_batch": max_tokens_per_batch,
-                                 "format": structure_format, "skip_existing": bool(skip_existing)})
+                                 "format": structure_format, "skip_existing": bool(skip_existing),
+                                 "allow_other_base": bool(allow_other_base)})
         finished = True
         return run
     finally:
@@ -414,7 +419,8 @@ def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
         for bad in contents.bad:
             log.warning("skipping FASTA record %s", bad)
     out_dir = ensure_writable_dir(Path(out_dir))
-    loaded = _load_model(run_dir, checkpoint, esmfold, lm, overrides, torch_device)
+    loaded = _load_model(run_dir, checkpoint, esmfold, lm, overrides, torch_device,
+                         allow_other_base=settings["allow_other_base"])
     if rank == 0:  # once per job, not per record
         for message in loaded.heads.warnings():
             log.warning(message)

@@ -210,11 +210,13 @@ def export_model(run_dir: Path, model, stored_config: dict, pretrained: Optional
 
 
 def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema: bool = True,
-                       overrides: Sequence[str] = ()):
+                       overrides: Sequence[str] = (), allow_other_base: bool = False):
     """(model, cfg) from a run directory: its exported model, or a given training checkpoint.
 
     `overrides` (`key=value`) change the run's config for this use, e.g. a moved language model
-    (`model.lm.path=…`) or the trunk's chunk size. Every file read is verified.
+    (`model.lm.path=…`) or the trunk's chunk size. Every file read is verified. The exported adapters
+    are refused on frozen weights other than those they were trained on (a language model replaced
+    with `--set model.lm.path=…`) unless `allow_other_base` (`--allow-other-base`).
     """
     from ..model.build import build_model
     from .config import USE_FREE
@@ -260,5 +262,6 @@ def load_trained_model(run_dir: Path, checkpoint: Optional[Path] = None, use_ema
     if is_adapted(method):
         scope = cfg.adapter.scope
         for part in (("esm",) if scope == "lm" else ("trunk",) if scope == "trunk" else ("esm", "trunk")):
-            load_adapter(getattr(model, part), run_dir / ADAPTER_DIRS[part], name="default")
+            load_adapter(getattr(model, part), run_dir / ADAPTER_DIRS[part], name="default",
+                         allow_other_base=allow_other_base)
     return model, cfg
