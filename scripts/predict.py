@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--num-recycles and --format, with its files there, is kept (its summary reused); the others are "
             "predicted. On Ctrl-C the job writes predictions.json (status interrupted) and prints the command "
             "that continues it."), textwrap.fill(
+            "Memory: before each batch of 400 residues or more the job logs an estimate of its peak memory (and "
+            "of its time, at the rate of the batches before it); when the estimate exceeds the memory available "
+            "it warns and names a --chunk-size that would fit."), textwrap.fill(
             "Confidence (predictions.json's 'confidence' says which case applies): B-factors are each atom's own "
             "pLDDT for a per-atom pLDDT head (Meta's ESMFold, --esmfold, or a run fine-tuned from it that left "
             "the head as it was), the residue's CA pLDDT on every atom for a head trained in the run (on CA "

@@ -26,6 +26,7 @@ from ..run.confidence import ConfidenceHeads, model_heads
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
                      file_stems, length_batches, model_length, shard_records)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, adapted_parts, bf16_language_model, merge_adapter_checked
+from .estimate import BatchEstimator
 from .files import (TSV_FILE, failure_line, inputs_fingerprint, record_line, record_summary, reusable_summary,
                     summary_tsv, write_record_files)
 from .outputs import PAE_JSON_SUFFIX, PAE_SUFFIX, STRUCTURE_FORMATS, Prediction, predict_sequences
@@ -444,10 +445,13 @@ def _run_batches(model, batches: list, writer: PredictionWriter, bar: Progress, 
                  merge: bool, merge_tolerance: float) -> None:
     """Predict the batches and write each record's outcome (the adapter merged first, checked on the first batch)."""
     done = {}
+    estimator = BatchEstimator(model, device, recycles, log)
+    lengths = [[model_length(r.sequence) for r in batch] for batch in batches]
     if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
         log.info("the language model is stored in bf16: adapters are applied unmerged")
         merge = False
     if merge and adapted_parts(model) and batches:
+        estimator.before(lengths[0])
         writer.merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], device,
                                                            recycles, merge_tolerance)
         done[0] = list(zip(batches[0], merged))  # the check's merged outputs are the first batch's results
@@ -457,9 +461,16 @@ def _run_batches(model, batches: list, writer: PredictionWriter, bar: Progress, 
     # on a terminal, log lines (one per record) go through tqdm so that they do not break the bar
     with logging_redirect_tqdm() if bar.bar is not None else contextlib.nullcontext():
         for k, batch in enumerate(batches):
-            for record, result in done.pop(k) if k in done else _predict_or_split(model, batch, device, recycles):
+            if k in done:
+                results = done.pop(k)
+            else:
+                estimator.before(lengths[k])
+                started = time.perf_counter()
+                results = _predict_or_split(model, batch, device, recycles)
+                estimator.after(lengths[k], time.perf_counter() - started)
+            for record, result in results:
                 writer.write(record, result)
-            bar.update(len(batch), length=model_length(batch[-1].sequence), batch=len(batch))
+            bar.update(len(batch), length=lengths[k][-1], batch=len(batch))
 
 
 def _predict(contents, fasta, run_dir, out_dir, *, torch_device, rank, world, merge, merge_tolerance, progress,
