@@ -14,7 +14,9 @@ Sections (`--sections`, default all):
            random ESM-2 of the chosen shape (`--predict-shape`: esmfold_v1 = 48 blocks + ESM-2 3B, as
            esm-fold; paper_d4 = 12 blocks + 35M), and its state dict (LM included) is loaded into ours.
            fair-esm runs its LM in float16 (it halves it); ours runs it in float32 and, as a third
-           variant, stored in bf16 (`model.lm.storage_dtype`). Trunks in float32, 0 recycles. A length
+           variant, stored in bf16 (`model.lm.storage_dtype`), and as a fourth, float32 with its layers kept
+           in host memory (`predict.py --cpu-offload`; its peak counts only what is on the GPU). Trunks
+           in float32, 0 recycles. A length
            that runs out of memory unchunked is run again with every model's trunk chunked by 64.
   ddp      2-process DistributedDataParallel training of paper_d4 + LoRTA r=8 (NCCL) when
            `torch.cuda.device_count() >= 2`: s/step per process against the single-GPU step, and a
@@ -71,7 +73,7 @@ PREDICT_SHAPES = {  # trunk blocks, LM architecture
     "esmfold_v1": (48, "esm2_t36_3B_UR50D"),
     "paper_d4": (12, "esm2_t12_35M_UR50D"),
 }
-PREDICT_VARIANTS = ("fair-esm infer", "ours", "ours, bf16 LM")
+PREDICT_VARIANTS = ("fair-esm infer", "ours", "ours, bf16 LM", "ours, LM offloaded")
 SMOKE_PREDICT_LENGTHS = (16, 24)
 
 
@@ -332,10 +334,16 @@ def build_ours_from(fair, trunk: dict, device, storage: str):
     return model.to(device).eval()
 
 
+def on_device_bytes(model, device) -> int:
+    """The model's bytes on `device` (an offloaded language model's layers are in host memory)."""
+    return resident_bytes([t for t in list(model.parameters()) + list(model.buffers()) if t.device.type == device.type])
+
+
 def section_predict(args, device, smoke: bool) -> dict:
     from openfold.utils.feats import atom14_to_atom37
 
     from esmfold_peft.fold.model.esmfold import CA
+    from esmfold_peft.fold.model.offload import offload_language_model
     from esmfold_peft.fold.predict import predict_sequences
     from predict_throughput import random_sequence
 
@@ -350,7 +358,10 @@ def section_predict(args, device, smoke: bool) -> dict:
     log(f"[predict] {label}, lengths {conf['lengths']}, {recycles} recycles")
     fair = build_fair_esmfold(trunk, lm_dims, device, args.seed)
     models = {"fair-esm infer": fair, "ours": build_ours_from(fair, trunk, device, "float32"),
-              "ours, bf16 LM": build_ours_from(fair, trunk, device, "bfloat16")}
+              "ours, bf16 LM": build_ours_from(fair, trunk, device, "bfloat16"),
+              "ours, LM offloaded": build_ours_from(fair, trunk, device, "float32")}
+    offloaded = offload_language_model(models["ours, LM offloaded"], device)  # predict.py --cpu-offload
+    free_memory(device)
     lm_bytes = {n: sum(p.numel() * p.element_size() for k, p in m.esm.named_parameters() if not is_adapter_param(k))
                 for n, m in models.items()}
     ca = {}
@@ -374,7 +385,8 @@ def section_predict(args, device, smoke: bool) -> dict:
     for length in conf["lengths"]:
         seq = random_sequence(length, args.seed)
         runs = {"fair-esm infer": fair_run(seq), "ours": ours_run("ours", seq),
-                "ours, bf16 LM": ours_run("ours, bf16 LM", seq)}
+                "ours, bf16 LM": ours_run("ours, bf16 LM", seq),
+                "ours, LM offloaded": ours_run("ours, LM offloaded", seq)}
         chunk = None
         for attempt in (None, conf["chunk_fallback"]):
             chunk = attempt
@@ -385,7 +397,8 @@ def section_predict(args, device, smoke: bool) -> dict:
                     maybe_simulate_oom(f"predict {length}")
                 times = interleaved(runs, conf["repeats"], conf["steps"], device, warmup=conf["warmup"],
                                     seed=args.seed, log=log)
-                memory = {n: step_memory(fn, device, lambda m=models[n]: resident_bytes(m)) for n, fn in runs.items()}
+                memory = {n: step_memory(fn, device, lambda m=models[n]: on_device_bytes(m, device))
+                          for n, fn in runs.items()}
                 break
             except Exception as exc:
                 if not is_oom(exc) or attempt is not None:
@@ -406,6 +419,7 @@ def section_predict(args, device, smoke: bool) -> dict:
             + f"; max |ΔCα| ours {v['ours']['max_abs_ca_deviation_from_fair_esm']:.3f} Å")
     for m in models.values():
         m.trunk.set_chunk_size(None)
+    offloaded.remove()
     models.clear()  # free the three models before the next section
     fair = None
     free_memory(device)
@@ -620,7 +634,7 @@ def tables(r) -> list:
         p = r["predict"]
         rows = []
         for length, x in p["lengths"].items():
-            for n in PREDICT_VARIANTS:
+            for n in [n for n in PREDICT_VARIANTS if n in x["variants"]]:  # older results lack the last
                 v = x["variants"][n]
                 rows.append([length, n, fmt_s(v["seconds_per_prediction"]),
                              f"{v['residues_per_second']['median']:.0f}",
@@ -640,7 +654,7 @@ def tables(r) -> list:
                               "parameter bytes: " + ", ".join(f"{n} {fmt_mib(b)} MiB" for n, b in lmb.items())
                               + " (fair-esm float16, ours float32 / bf16); trunks float32. Peak: the model's own "
                               "weights + the highest tensor bytes allocated during one prediction (bench/common.py); "
-                              "max_memory_allocated: the whole process, all three models (CUDA only). Trunk chunk: "
+                              "max_memory_allocated: the whole process, every model of the section (CUDA only). Trunk chunk: "
                               "'none' unless the length ran out of memory unchunked."]})
     if "ddp" in r:
         x = r["ddp"]

@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "under torchrun each process's own GPU)")
     parser.add_argument("--cpu-only", action="store_true", help="predict on the CPU, as esm-fold's --cpu-only (the "
                                                                 "same as --device cpu)")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="as esm-fold's: keep the language model's layers in CPU memory while predicting on a "
+                             "GPU, each copied to the GPU for its own forward (less GPU memory, slower; adapters "
+                             "apply unmerged); needs a GPU")
     parser.add_argument("--max-length", type=non_negative_int, default=1000, metavar="N",
                         help="most residues per record (all chains); longer records are reported and skipped; 0 "
                              "for no limit (default: %(default)s)")
@@ -147,6 +151,10 @@ def _main(argv: list[str] | None = None) -> int:
             error(f"--cpu-only and --device {args.device} disagree: give one of them")
             return EXIT_USAGE
         args.device = "cpu"
+    if args.cpu_offload and args.device == "cpu":
+        error("--cpu-offload keeps the language model on the CPU while predicting on a GPU; with --cpu-only or "
+              "--device cpu everything is on the CPU already: leave it out")
+        return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         run = predict_fasta(args.fasta, args.run, args.out, checkpoint=args.checkpoint, esmfold=args.esmfold,
@@ -155,7 +163,8 @@ def _main(argv: list[str] | None = None) -> int:
                             chunk_size=args.chunk_size, merge=not args.no_merge,
                             merge_tolerance=args.merge_tolerance, progress=not (args.no_progress or args.quiet),
                             overrides=args.set, structure_format=args.structure_format,
-                            skip_existing=args.skip_existing, allow_other_base=args.allow_other_base)
+                            skip_existing=args.skip_existing, allow_other_base=args.allow_other_base,
+                            cpu_offload=args.cpu_offload)
     except MergeMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED

@@ -119,8 +119,10 @@ def transient_bytes(shape: FoldShape, length: int, batch: int = 1, chunk_size: O
             "language model": int(batch * lm)}
 
 
-def resident_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+def resident_bytes(model, device: Optional[torch.device] = None) -> int:
+    """The model's parameter and buffer bytes (on `device`'s type only, when given: an offloaded LM is not)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if device is None or t.device.type == torch.device(device).type)
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -149,10 +151,11 @@ def trunk_cost(length: int) -> float:
 
 
 def estimate_batch(model, length: int, batch: int = 1, chunk_size: Optional[int] = None, recycles: int = 0,
-                   available: Optional[int] = None, seconds_per_cost: Optional[float] = None) -> Estimate:
+                   available: Optional[int] = None, seconds_per_cost: Optional[float] = None,
+                   device: Optional[torch.device] = None) -> Estimate:
     phases = transient_bytes(FoldShape.of(model), length, batch, chunk_size, recycles)
     seconds = None if seconds_per_cost is None else seconds_per_cost * batch * trunk_cost(length) * (1 + recycles)
-    return Estimate(int(length), int(batch), chunk_size, resident_bytes(model), phases, available, seconds)
+    return Estimate(int(length), int(batch), chunk_size, resident_bytes(model, device), phases, available, seconds)
 
 
 def fitting_chunk_size(model, length: int, batch: int, recycles: int, available: int,
@@ -181,7 +184,8 @@ class BatchEstimator:
             return None
         rate = self.seconds_done / self.cost_done if self.cost_done > 0 else None
         chunk = getattr(self.model.trunk, "chunk_size", None)
-        est = estimate_batch(self.model, length, batch, chunk, self.recycles, available_bytes(self.device), rate)
+        est = estimate_batch(self.model, length, batch, chunk, self.recycles, available_bytes(self.device), rate,
+                             self.device)
         what = f"{batch} record(s) of {length} residues" if batch > 1 else f"a record of {length} residues"
         if est.fits:
             self.log.info("%s: %s", what, est.line())
@@ -191,7 +195,7 @@ class BatchEstimator:
         if fit is None:
             advice = "no --chunk-size fits by the estimate: use a larger device, or --max-length to skip it"
         else:
-            chunked = estimate_batch(self.model, length, batch, fit, self.recycles)
+            chunked = estimate_batch(self.model, length, batch, fit, self.recycles, device=self.device)
             advice = f"--chunk-size {fit} should fit (estimated peak {chunked.peak / GiB:.2f} GiB)"
         self.log.warning("%s: %s, more than is available; %s", what, est.line(), advice)
         return est

@@ -21,6 +21,7 @@ from ...data.fasta import CHAIN_SEPARATOR, BadRecord, FastaContents, SequenceRec
 from ...runtime.progress import Progress
 from ...runtime.rundir import ensure_writable_dir
 from ...runtime.session import resolve_device, setup_distributed, teardown_distributed, world_size
+from ..model.offload import offload_language_model
 from ..run.checkpoint import load_trained_model
 from ..run.confidence import ConfidenceHeads, model_heads
 from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUMMARY_FILE, PredictionError,
@@ -187,7 +188,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                   max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, chunk_size: Optional[int] = None,
                   merge: bool = True, merge_tolerance: float = DEFAULT_MERGE_TOLERANCE,
                   progress: bool = True, overrides: Sequence[str] = (), structure_format: str = "pdb",
-                  skip_existing: bool = False, allow_other_base: bool = False) -> PredictionRun:
+                  skip_existing: bool = False, allow_other_base: bool = False,
+                  cpu_offload: bool = False) -> PredictionRun:
     """Predict every usable record of a FASTA file and write the files (module docstring).
 
     Args:
@@ -216,6 +218,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             recycles and format, with its files there (its summary is reused); others are predicted again.
         allow_other_base: load the run's adapters onto frozen weights other than those they were trained
             on (a language model replaced with `model.lm.path=…`); refused by default.
+        cpu_offload: keep the language model's layers on the CPU, each copied to the GPU for its own
+            forward (`fold.model.offload`; adapters then apply unmerged). Needs a GPU device.
 
     `predictions.json` and `summary.tsv` are always written, atomically, for what was done, also when
     interrupted (then `PredictionInterrupted`, a KeyboardInterrupt, is raised with the counts).
@@ -245,7 +249,7 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                        merge_tolerance=merge_tolerance, progress=progress, overrides=overrides, started=started,
                        settings={"max_length": max_length or None, "max_tokens_per_batch": max_tokens_per_batch,
                                  "format": structure_format, "skip_existing": bool(skip_existing),
-                                 "allow_other_base": bool(allow_other_base)})
+                                 "allow_other_base": bool(allow_other_base), "cpu_offload": bool(cpu_offload)})
         finished = True
         return run
     finally:
@@ -427,6 +431,14 @@ def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
             log.warning(message)
     model = loaded.model
     model.to(torch_device).eval()
+    if settings["cpu_offload"]:
+        if torch_device.type != "cuda":
+            raise PredictionError(f"--cpu-offload keeps the language model on the CPU while predicting on a GPU; the "
+                                  f"device here is {torch_device} (without a GPU, leave --cpu-offload out)")
+        offload = offload_language_model(model, torch_device)
+        log.info("language model layers kept on the CPU (%.2f GiB), each copied to %s for its forward%s",
+                 offload.host_bytes / 2 ** 30, torch_device,
+                 "; adapters apply unmerged" if adapted_parts(model) else "")
     if chunk_size is not None:
         model.trunk.set_chunk_size(chunk_size)
     recycles = int(loaded.default_recycles if num_recycles is None else num_recycles)
@@ -479,7 +491,8 @@ def _predict(contents, fasta, run_dir, out_dir, *, torch_device, rank, world, me
                                       world=world, **kwargs)
     bar = Progress(writer.total, "predicting", enabled=progress and rank == 0, unit="seq")
     try:
-        _run_batches(model, batches, writer, bar, torch_device, writer.settings["num_recycles"], merge,
+        _run_batches(model, batches, writer, bar, torch_device, writer.settings["num_recycles"],
+                     merge and not writer.settings["cpu_offload"],
                      merge_tolerance)
     except KeyboardInterrupt:
         bar.close()
