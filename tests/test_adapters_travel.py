@@ -387,3 +387,26 @@ def test_convert_adapter_refuses_in_one_line(tmp_path, capsys):
         assert not (tmp_path / "x").exists()
     assert convert("--to", "peft", "--adapter", tmp_path / "other", "--out", tmp_path / "x", "--base",
                    tmp_path / "base", "--allow-other-base") == 0
+
+
+def test_a_fair_esm_lora_converts_to_peft_for_the_same_esm2_in_hugging_faces_layout(tmp_path, esm_pair):
+    """A LoRA trained on fair-esm's ESM-2 (a folding run's language model) goes to PEFT's format with the Hugging
+    Face folder of the same weights as --base; PEFT then gives fair-esm's adapted outputs."""
+    from fold_fixtures import write_tiny_hf_esm
+    from transformers import EsmForMaskedLM
+
+    folder = write_tiny_hf_esm(tmp_path / "hf_esm")
+    fair, _ = esm_pair()
+    perturb(add_adapter(fair, LoRAConfig(rank=2, alpha=4)), scale=0.5)
+    save_adapter(fair, tmp_path / "native")
+    assert convert("--to", "peft", "--adapter", tmp_path / "native", "--out", tmp_path / "peft",
+                   "--base", folder) == 0
+    toks = torch.tensor([[0, 5, 6, 7, 8, 9, 10, 11, 2]])
+    peft_model = peft_load(EsmForMaskedLM.from_pretrained(str(folder)).eval(), tmp_path / "peft")
+    with torch.no_grad():
+        ours = fair(toks, repr_layers=[fair.num_layers])["representations"][fair.num_layers]
+        theirs = peft_model(toks, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    bare, _ = esm_pair()
+    with torch.no_grad():
+        assert (ours - bare(toks, repr_layers=[2])["representations"][2]).abs().max() > 1e-2
