@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(loss.tm.weight 0, no pretrained ESMFold) gives no pTM, ipTM or PAE: null in the JSON, no "
             ".pae.npz or .pae.json, and a warning."), textwrap.fill(
             "Several processes (torchrun): the records are shared out by length, each process writes its "
-            "records' files, and rank 0 merges one predictions.json. Put '--' before the script: torchrun's "
-            "own parser would otherwise take --run for its --run-path."), textwrap.fill(exit_code_table())]),
+            "records' files, and rank 0 merges one predictions.json. Name the run with --run-dir there, as in the "
+            "example above: torchrun's own parser would take --run for its --run-path."), textwrap.fill(exit_code_table())]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--fasta", type=Path, required=True, metavar="FILE",

@@ -71,8 +71,11 @@ def test_help_names_the_new_flags_and_what_a_rerun_does(capsys):
         script().main(["--help"])
     text = re.sub(r"(?<=\w-) ", "", " ".join(capsys.readouterr().out.split()))  # argparse breaks lines at hyphens
     for flag in ("-i FILE, --fasta FILE", "-o DIR, --out DIR", "--cpu-only", "--no-progress", "--skip-existing",
-                 "--format {pdb,cif}", "0 for no limit"):
+                 "--format {pdb,cif}", "0 for no limit", "--cpu-offload", "--allow-other-base",
+                 "logs an estimate of its peak memory"):
         assert flag in text, flag
+    torchrun = [line for line in text.split("python scripts/predict.py") if "torchrun" in line]
+    assert torchrun and all("--run-dir" in t for t in torchrun) and "Put '--' before" not in text
     assert "--quiet deprecated: --no-progress" in text
     assert "without --skip-existing a rerun replaces the files" in text
     assert "without --skip-existing a rerun into the same --out predicts every record again" in text
