@@ -24,6 +24,7 @@ from torch import nn
 from .base import PEFT_ATTR, build_adapter
 from .config import LoRAConfig, LoRTAConfig
 from .layouts import AttentionLayout, detect_layout, layouts_differences, prepare_model
+from .mixed import MixedAdapters
 
 AnyConfig = Union[LoRTAConfig, LoRAConfig]
 # what `layout=` accepts: None (detect the one family), a family name, a layout, or several of these
@@ -75,6 +76,7 @@ class AdapterSet(nn.Module):
         # belong to the model), which deepcopy and pickle map consistently with the model's own copies
         self._linears: Dict[str, nn.Linear] = {}
         self._slots: Dict[str, _Slot] = {}
+        self.mixed: Optional[MixedAdapters] = None  # the adapters mixed batches may use (`routed`)
 
     @property
     def layout(self) -> AttentionLayout:
@@ -102,9 +104,13 @@ class AdapterSet(nn.Module):
     # --- hooks --------------------------------------------------------------------------------------
 
     def _hook(self, path: str, module, args, output):
-        if not self._enabled or self.active is None:
+        if not self._enabled:
             return None
         slot = self._slots[path]
+        if self.mixed is not None and self.mixed.ids is not None:
+            return self.mixed.output(slot.layout, slot.layer, slot.matrices, args[0], output, path)
+        if self.active is None:
+            return None
         adapter = self.part(self.active, slot.layout.family)
         # q, k, v of a fused Linear are computed in this order, so LoRTA's x·A is shared among them
         pieces = {m: adapter.delta(args[0], slot.layer, m) for m in slot.matrices if m in adapter.targets}
@@ -170,6 +176,35 @@ class AdapterSet(nn.Module):
 
     def describe(self) -> Dict[str, str]:
         return {n: a.method for n, a in self.adapters.items()}
+
+    # --- mixed batches (adapters/mixed.py) --------------------------------------------------------------
+
+    def mix(self, name: str, adapter: Optional[nn.Module] = None) -> int:
+        """Make an adapter usable in mixed batches (default: this set's adapter `name`); its slot id.
+
+        The factors are copied: an adapter given here need not stay in the set (a library keeps only
+        the stacked copies resident)."""
+        if self.mixed is None:
+            self.mixed = MixedAdapters(self.layouts)
+        return self.mixed.put(name, self.get(name) if adapter is None else adapter)
+
+    def unmix(self, name: str) -> None:
+        if self.mixed is not None and name in self.mixed.names:
+            self.mixed.remove(name)
+
+    @contextlib.contextmanager
+    def routed(self, names: Sequence[Optional[str]]) -> Iterator[None]:
+        """Run a batch whose sample b uses the mixed adapter `names[b]` (None: the base model alone)."""
+        if self.merged is not None:
+            raise AdapterError(f"adapter {self.merged!r} is merged: a mixed batch needs the base weights (unmerge)")
+        if self.mixed is None:
+            raise AdapterError("no adapter was made available to mixed batches (AdapterSet.mix)")
+        device = next(iter(self._linears.values())).weight.device
+        self.mixed.ids, self.mixed._u = self.mixed.slot_ids(names, device), None
+        try:
+            yield
+        finally:
+            self.mixed.ids, self.mixed._u = None, None
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
