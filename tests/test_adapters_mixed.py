@@ -107,11 +107,38 @@ def test_what_cannot_be_mixed_is_refused_by_name():
     aset.mix("lora", add_adapter(model, LoRAConfig(rank=2), name="lora"))
     with pytest.raises(MixedAdapterError, match="LoRTA and LoRA"), torch.no_grad(), aset.routed(["a0", "lora"]):
         tm.run(model, tm.tokens(batch=2))
-    with pytest.raises(MixedAdapterError, match="batch axis"), torch.no_grad(), aset.routed(["a0"] * 3):
-        tm.run(model, tm.tokens(batch=2))  # ids for 3 samples, a batch of 2
     aset.remove("lora")
     aset.unmix("lora")
+    with pytest.raises(MixedAdapterError, match="batch axis"), torch.no_grad(), aset.routed(["a0", None, "a0"]):
+        tm.run(model, tm.tokens(batch=2))  # ids for 3 samples, a batch of 2
     aset.set_active("a0")
     aset.merge()
     with pytest.raises(AdapterError, match="merged"), aset.routed(["a0", None]):
         pass
+
+
+def test_one_adapter_for_the_whole_batch_needs_no_batch_axis_and_groups_split_a_batch():
+    """A routed batch whose samples share one adapter runs inputs of any shape (a chunked forward); the
+    split-by-adapter fallback runs one such forward per adapter and equals the gathered batch."""
+    from esmfold_peft.adapters.mixed import groups_by_adapter
+
+    model = tm.fair_esm2()
+    aset = with_adapters(model, LORTA_MIX)
+    toks = tm.tokens(batch=4)
+    names = ["a1", None, "a1", "a2"]
+    assert groups_by_adapter(names) == {"a1": [0, 2], None: [1], "a2": [3]}
+    with torch.no_grad():
+        with aset.routed(names):
+            gathered = tm.run(model, toks)
+        split = torch.empty_like(gathered)
+        for name, rows in groups_by_adapter(names).items():
+            with aset.routed([name] * len(rows)):
+                split[rows] = tm.run(model, toks[rows])
+        lin = model.layers[0].self_attn.q_proj
+        x = torch.randn(3, 5, 7, lin.in_features)  # no axis of the batch's size: fine with one adapter
+        with aset.routed(["a0"] * 4):
+            routed = lin(x)
+        aset.set_active("a0")
+        classic = lin(x)
+    torch.testing.assert_close(split, gathered, **TOL)
+    torch.testing.assert_close(routed, classic, **TOL)

@@ -201,10 +201,11 @@ class AdapterSet(nn.Module):
             raise AdapterError("no adapter was made available to mixed batches (AdapterSet.mix)")
         device = next(iter(self._linears.values())).weight.device
         self.mixed.ids, self.mixed._u = self.mixed.slot_ids(names, device), None
+        self.mixed.uniform = len(set(names)) == 1
         try:
             yield
         finally:
-            self.mixed.ids, self.mixed._u = None, None
+            self.mixed.ids, self.mixed._u, self.mixed.uniform = None, None, False
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

@@ -17,7 +17,8 @@ reassociation of float sums. The cost per sample does not grow with K; only the 
 Which axis of a projection's input is the batch: fair-esm's attention is time-first (T, B, d), every
 other known family batch-first (B, …, d); the extra axes (tokens, pair rows) are flattened. A call
 whose batch axis does not have the batch's size (openfold's chunked triangle attention flattens its
-batch) is refused: route such models unchunked, or split the batch by adapter.
+batch) is refused, unless every sample of the batch uses the same adapter: route such models
+unchunked, or split the batch by adapter (`groups_by_adapter`: PEFT's way, one forward per adapter).
 
 Only LoRTA over all three modes (the paper's one tensor, the default) and LoRA stack; the mode
 ablations hold per-layer or per-matrix tensors and are refused by name.
@@ -129,6 +130,7 @@ class MixedAdapters:
         self.stacks = {l.family: _Stack(l) for l in layouts}
         self.names: Dict[str, int] = {}
         self.ids: Optional[torch.Tensor] = None  # per sample, set while routed
+        self.uniform = False  # all samples of the routed batch use one adapter (chunked inputs are then fine)
         self._u = None  # (layer, weakref to x, version, u): q, k and v of a layer share x A
 
     def put(self, name: str, adapter: nn.Module) -> int:
@@ -172,10 +174,17 @@ class MixedAdapters:
         ids = self.ids
         axis = sample_axis(layout.family)
         n = ids.numel()
+        if (x.dim() < 2 or x.shape[axis] != n) and self.uniform:  # one adapter for all: no batch axis needed
+            ids, axis, n, x = ids[:1], 0, 1, x.unsqueeze(0)
+            return self.output_for(layout, layer, matrices, x, output.unsqueeze(0), ids, axis).squeeze(0)
         if x.dim() < 2 or x.shape[axis] != n:
             raise MixedAdapterError(f"{path}: input of shape {tuple(x.shape)} has no batch axis of the batch's "
                                     f"{n} samples (axis {axis}); a chunked forward flattens it: run unchunked or "
                                     "split the batch by adapter")
+        return self.output_for(layout, layer, matrices, x, output, ids, axis)
+
+    def output_for(self, layout, layer, matrices, x, output, ids, axis) -> torch.Tensor:
+        n = ids.numel()
         stack = self.stacks[layout.family]
         delta = _lorta_delta if stack.method == "lorta" else _lora_delta
         factors = stack.stacked(x.device)
@@ -193,6 +202,15 @@ class MixedAdapters:
         u = torch.bmm(flat, A)
         self._u = (layer, weakref.ref(x), x._version, u)
         return u
+
+
+def groups_by_adapter(names: Sequence[Optional[str]]) -> Dict[Optional[str], List[int]]:
+    """The sample indices of each distinct adapter, in first-appearance order: the split-by-adapter fallback
+    runs one forward per group (each routed with a single adapter) and puts the outputs back in place."""
+    groups: Dict[Optional[str], List[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    return groups
 
 
 def _head_factor_t(factors, ids, layout: AttentionLayout, layer: int, matrix: str) -> torch.Tensor:
