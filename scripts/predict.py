@@ -32,9 +32,10 @@ from pathlib import Path
 
 from esmfold_peft.runtime.cli import (add_set_argument, error, exit_code_table, non_negative_int, positive_float,
                                       positive_int, run_main)
-from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UserError
 from esmfold_peft.fold.predict import (DEFAULT_MAX_TOKENS, DEFAULT_MERGE_TOLERANCE, STRUCTURE_FORMATS,
                                        MergeMismatchError, PredictionInterrupted, predict_fasta)
+from esmfold_peft.fold.predict.library import BASE, DEFAULT_CAPACITY, DEFAULT_THRESHOLD, LibraryOptions
 from esmfold_peft.runtime.session import world_size
 
 
@@ -124,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-tolerance", type=positive_float, default=DEFAULT_MERGE_TOLERANCE, metavar="X",
                         help="largest deviation accepted between merged and unmerged outputs, in Å for atom "
                              "positions and in points for pLDDT (default: %(default)g)")
+    library = parser.add_argument_group("many adapters over one model (an adapter library)")
+    library.add_argument("--adapter-library", type=Path, metavar="LIB",
+                         help="a folder of adapters named by their folder names: each entry an adapter folder, or a "
+                              "fine-tuning run (its adapter/ and trunk_adapter/), made for this model's weights; each "
+                              "record runs with its own adapter, and records of different adapters share batches")
+    library.add_argument("--adapter", metavar="NAME|base|auto",
+                         help="with --adapter-library: the adapter of records whose description has no adapter=NAME "
+                              "token: an entry's name, base (none), or auto (the entry whose training sequences the "
+                              "record is closest to, by k-mer containment, else base) (default: base)")
+    library.add_argument("--route-threshold", type=positive_float, default=DEFAULT_THRESHOLD, metavar="X",
+                         help="auto: the least k-mer containment (0-1) that routes a record to an entry "
+                              "(default: %(default)g)")
+    library.add_argument("--adapter-cache", type=positive_int, default=DEFAULT_CAPACITY, metavar="N",
+                         help="entries kept resident (least recently used evicted; default: %(default)s)")
     parser.add_argument("--allow-other-base", action="store_true",
                         help="with --run: load its adapters even onto frozen weights other than those they were "
                              "trained on (e.g. another language model given with --set model.lm.path=...); refused "
@@ -164,7 +179,7 @@ def _main(argv: list[str] | None = None) -> int:
                             merge_tolerance=args.merge_tolerance, progress=not (args.no_progress or args.quiet),
                             overrides=args.set, structure_format=args.structure_format,
                             skip_existing=args.skip_existing, allow_other_base=args.allow_other_base,
-                            cpu_offload=args.cpu_offload)
+                            cpu_offload=args.cpu_offload, library=library_options(args))
     except MergeMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
@@ -177,6 +192,14 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_OK  # under torchrun rank 0 reports every process's records and gives the exit status
     _report(run, processes=world_size())
     return EXIT_SOME_FAILED if run.failures else EXIT_OK
+
+
+def library_options(args) -> LibraryOptions | None:
+    if args.adapter_library is None:
+        if args.adapter is not None:
+            raise UserError("--adapter chooses among the entries of --adapter-library; give the library too")
+        return None
+    return LibraryOptions(args.adapter_library, args.adapter or BASE, args.route_threshold, args.adapter_cache)
 
 
 def continue_command(argv: list[str]) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..adapters import is_adapted
+from ..adapters import has_adapters, is_adapted
 from ..data import ChainDataset, ChainFilter, build_cache, collate, demo_source, directory_source, openfold_source
 from ..data.dataset import WeightedBatchSampler
 from ..data.demo import ensure_demo_data
@@ -30,15 +30,17 @@ from ..runtime.rundir import RunDir
 from ..runtime.session import Dist, autocast_for, step_seed
 from ..runtime.text import finite_or_none
 from .model.build import build_model, parameter_counts, part_of
-from .run.checkpoint import (PretrainedRecord, export_model, load_trained_state, read_checkpoint, restore_pretrained,
-                         save_checkpoint, set_rng_state)
+from .run.checkpoint import (ADAPTER_DIRS, PretrainedRecord, export_model, load_trained_state, read_checkpoint,
+                             restore_pretrained, save_checkpoint, set_rng_state)
 from .run.config import adapter_alpha, check_new_run
+from .run.sketch import Sketch
 from .model.losses import fold_loss
 from .plots import plot_training_curves
 from .run.resolve import check_resumable_config, finish, stored_form
 from .validate import validate, validation_baselines
 
 log = logging.getLogger("esmfold_peft.train")
+SKETCH_CHAINS = 20_000  # training chains whose k-mers a run's routing sketch holds (the first ones)
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -144,6 +146,11 @@ def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
     if crop_size is None:
         crop_size = cfg.train.crop_size if split == "train" else (cfg.val.crop_size or None)
     return ChainDataset(cache, crop_size=crop_size, unknown_resolution=cfg.data.unknown_resolution)
+
+
+def training_sketch(train: ChainDataset, limit: int = SKETCH_CHAINS) -> Sketch:
+    """The k-mer sketch of the training chains (the first `limit` of them), stored with a run's adapters."""
+    return Sketch.of(train.cache.load(i).sequence for i in range(min(len(train), limit)))
 
 
 def build_datasets(cfg: mlc.ConfigDict, is_main: bool, progress: bool = True):
@@ -345,8 +352,14 @@ class FoldTask(TrainingTask):
 
     def export(self, run: RunDir) -> list:
         with self._weights():
-            return export_model(run.path, self.net, stored_form(self.cfg, run.path),
-                                pretrained=self.init_from if self.cfg.model.init_from else None)
+            written = export_model(run.path, self.net, stored_form(self.cfg, run.path),
+                                   pretrained=self.init_from if self.cfg.model.init_from else None)
+        sketch = None
+        for part, directory in ADAPTER_DIRS.items():
+            if (run.path / directory).is_dir() and has_adapters(getattr(self.net, part)):
+                sketch = sketch or training_sketch(self.train_ds)
+                sketch.save(run.path / directory)  # what `--adapter auto` routes by (fold/run/sketch.py)
+        return written
 
     def results(self, initial: Optional[dict], final: Optional[dict]) -> dict:
         cfg, adapted = self.cfg, is_adapted(self.cfg)

@@ -50,7 +50,8 @@ def write_record_files(out: Path, stem: str, record: SequenceRecord, prediction:
                        heads: ConfidenceHeads, summary: dict) -> None:
     """The structure (PDB or mmCIF), the PAE files (a trained pTM head only) and the JSON, each atomically; files
     of the same stem that this job does not write (the other format, PAE of an untrained head) are removed."""
-    pdb = prediction.to_pdb(heads.plddt, remark=record.id)
+    adapter = f" adapter {summary['adapter']}" if "routing" in summary else ""  # an adapter library's choice
+    pdb = prediction.to_pdb(heads.plddt, remark=record.id + adapter)
     fmt = summary["format"]
     text = pdb if fmt == "pdb" else pdb_to_mmcif(pdb, stem)
     atomic_write(out / summary["structure"], lambda tmp: Path(tmp).write_text(text))
@@ -127,5 +128,6 @@ def summary_tsv(contents: FastaContents, summary: dict) -> str:
             reason = failed.get((record_id, line))
             status = "not reached" if reason is None else "failed: " + " ".join(str(reason).split())
             cells = ([len(record), len(record.chains)] if record is not None else ["", ""]) + ["", "", "", status]
-        lines.append("\t".join(str(c) for c in [record_id, *cells[:2], summary["adapter"], *cells[2:]]))
+        adapter = p.get("adapter", summary["adapter"]) if p is not None else summary["adapter"]
+        lines.append("\t".join(str(c) for c in [record_id, *cells[:2], adapter, *cells[2:]]))
     return "\n".join(lines) + "\n"

@@ -28,6 +28,8 @@ from .inputs import (CHAIN_LINKER, DEFAULT_MAX_TOKENS, RESIDUE_INDEX_OFFSET, SUM
                      file_stems, length_batches, model_length, shard_records)
 from .merge import DEFAULT_MERGE_TOLERANCE, MergeCheck, adapted_parts, bf16_language_model, merge_adapter_checked
 from .estimate import BatchEstimator
+from ...adapters.mixed import groups_by_adapter
+from .library import AdapterLibrary, LibraryOptions, choose_adapters, serve_library
 from .files import (TSV_FILE, failure_line, inputs_fingerprint, record_line, record_summary, reusable_summary,
                     summary_tsv, write_record_files)
 from .outputs import PAE_JSON_SUFFIX, PAE_SUFFIX, STRUCTURE_FORMATS, Prediction, predict_sequences
@@ -113,10 +115,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _predict_or_split(model, records: list[SequenceRecord], device: torch.device,
-                      num_recycles: int) -> list[tuple[SequenceRecord, Prediction | str]]:
-    """Each record with its prediction, or the reason it failed; halves a batch that runs out of memory."""
+                      num_recycles: int, route=None) -> list[tuple[SequenceRecord, Prediction | str]]:
+    """Each record with its prediction, or the reason it failed; halves a batch that runs out of memory.
+    `route(records)`: the context that gives each record its own adapter (an adapter library), if any."""
     try:
-        return list(zip(records, predict_sequences(model, [r.sequence for r in records], device, num_recycles)))
+        with route(records) if route is not None else contextlib.nullcontext():
+            predictions = predict_sequences(model, [r.sequence for r in records], device, num_recycles)
+        return list(zip(records, predictions))
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -128,8 +133,8 @@ def _predict_or_split(model, records: list[SequenceRecord], device: torch.device
             size = f"{len(record)} residues" + (f" (+{linkers} linker)" if linkers else "")
             return [(record, f"out of memory on {device} for {size}")]
         half = len(records) // 2
-        return (_predict_or_split(model, records[:half], device, num_recycles)
-                + _predict_or_split(model, records[half:], device, num_recycles))
+        return (_predict_or_split(model, records[:half], device, num_recycles, route)
+                + _predict_or_split(model, records[half:], device, num_recycles, route))
 
 
 @dataclass
@@ -189,7 +194,7 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                   merge: bool = True, merge_tolerance: float = DEFAULT_MERGE_TOLERANCE,
                   progress: bool = True, overrides: Sequence[str] = (), structure_format: str = "pdb",
                   skip_existing: bool = False, allow_other_base: bool = False,
-                  cpu_offload: bool = False) -> PredictionRun:
+                  cpu_offload: bool = False, library: Optional[LibraryOptions] = None) -> PredictionRun:
     """Predict every usable record of a FASTA file and write the files (module docstring).
 
     Args:
@@ -220,6 +225,10 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
             on (a language model replaced with `model.lm.path=…`); refused by default.
         cpu_offload: keep the language model's layers on the CPU, each copied to the GPU for its own
             forward (`fold.model.offload`; adapters then apply unmerged). Needs a GPU device.
+        library: serve an adapter library over the model (`library.py`): each record runs with the
+            adapter it names (`adapter=NAME` in its description), the default, or the one `auto` routes
+            it to; records of different adapters share batches. A record naming an unknown adapter is
+            rejected; the model's own adapters (a run's) are merged first, and nothing else is merged.
 
     `predictions.json` and `summary.tsv` are always written, atomically, for what was done, also when
     interrupted (then `PredictionInterrupted`, a KeyboardInterrupt, is raised with the counts).
@@ -232,6 +241,10 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
     started = time.perf_counter()
     _check_arguments(run_dir, esmfold, num_recycles, chunk_size, max_tokens_per_batch, max_length, structure_format)
     contents = _reject_too_long(read_fasta(fasta), max_length)
+    served, choices = None, {}
+    if library is not None:
+        served = AdapterLibrary(library.folder, library.capacity, allow_other_base)
+        contents, choices = choose_adapters(contents, served, library)
     world = world_size()
     own_group = False
     if world > 1:
@@ -249,7 +262,9 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
                        merge_tolerance=merge_tolerance, progress=progress, overrides=overrides, started=started,
                        settings={"max_length": max_length or None, "max_tokens_per_batch": max_tokens_per_batch,
                                  "format": structure_format, "skip_existing": bool(skip_existing),
-                                 "allow_other_base": bool(allow_other_base), "cpu_offload": bool(cpu_offload)})
+                                 "allow_other_base": bool(allow_other_base), "cpu_offload": bool(cpu_offload),
+                                 **(library.as_dict() if library else {})},
+                       served=(served, choices))
         finished = True
         return run
     finally:
@@ -297,15 +312,26 @@ class PredictionWriter:
         self.reused: list[str] = []  # ids of records kept from an earlier job (`reuse`)
         self.failed: list[BadRecord] = []  # records whose prediction failed (FASTA rejections: contents.bad)
         self.merge_check: Optional[MergeCheck] = None
+        self.library: Optional[AdapterLibrary] = None  # an adapter library served over the model, and each
+        self.choices: dict = {}  # record's choice of adapter (record id -> library.Choice)
         self.done, self.total = 0, len(mine)  # for the per-record lines
         self.source_key = _source_key(loaded.source)
         if world > 1:  # a part left by an earlier, interrupted run must not be merged into this one
             _part_path(out_dir, rank, world).unlink(missing_ok=True)
 
     def inputs(self, record) -> dict:
-        """The record's inputs fingerprint (`inputs_fingerprint`)."""
-        return inputs_fingerprint(record.sequence, self.source_key, self.settings["num_recycles"],
-                                  self.settings["format"])
+        """The record's inputs fingerprint (`inputs_fingerprint`; with a library, its adapter as well)."""
+        source = self.source_key if self.library is None else \
+            {**self.source_key, "adapter_library": os.path.abspath(self.library.folder),
+             "adapter": self.choices[record.id].label}
+        return inputs_fingerprint(record.sequence, source, self.settings["num_recycles"], self.settings["format"])
+
+    @property
+    def route(self):
+        """The context that runs a batch of records each with its own adapter (None without a library)."""
+        if self.library is None:
+            return None
+        return lambda records: self.library.routed([self.choices[r.id] for r in records])
 
     def reuse(self, records: list) -> list:
         """The records still to predict: with `skip_existing`, those whose files an earlier job wrote from the same
@@ -339,6 +365,8 @@ class PredictionWriter:
             return
         stem, heads = self.stems[record.id], self.loaded.heads
         summary = record_summary(record, result, stem, self.settings, heads, self.inputs(record))
+        if self.library is not None:
+            summary["adapter"], summary["routing"] = self.choices[record.id].label, self.choices[record.id].as_dict()
         write_record_files(self.out_dir, stem, record, result, heads, summary)
         self.summaries[record.id] = summary
         if self.rank == 0:
@@ -418,7 +446,7 @@ class PredictionWriter:
 
 
 def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_recycles, torch_device, rank,
-             world, max_tokens_per_batch, chunk_size, overrides, started, settings):
+             world, max_tokens_per_batch, chunk_size, overrides, started, settings, served):
     """(model, writer, batches still to predict): the model loaded, the records shared out and batched."""
     if rank == 0:
         for bad in contents.bad:
@@ -430,6 +458,9 @@ def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
         for message in loaded.heads.warnings():
             log.warning(message)
     model = loaded.model
+    library, choices = served
+    if library is not None:
+        serve_library(library, model, esmfold, announce=rank == 0)
     model.to(torch_device).eval()
     if settings["cpu_offload"]:
         if torch_device.type != "cuda":
@@ -447,9 +478,15 @@ def _prepare(contents, fasta, run_dir, out_dir, *, checkpoint, esmfold, lm, num_
             if world > 1 else records)
     writer = PredictionWriter(out_dir, fasta, contents, mine, loaded, {"num_recycles": recycles, **settings},
                               rank, world, torch_device, started)
+    writer.library, writer.choices = library, choices
+    if library is not None:  # every entry this job uses loads now: a refusal comes before any prediction
+        library.verify([choices[r.id].adapter for r in mine if choices[r.id].adapter is not None])
     todo = writer.reuse(mine)
     batches = [[todo[i] for i in batch]
                for batch in length_batches([model_length(r.sequence) for r in todo], max_tokens_per_batch)]
+    if library is not None and library.needs_split(model):
+        batches = [[batch[i] for i in rows] for batch in batches
+                   for rows in groups_by_adapter([choices[r.id].label for r in batch]).values()]
     return model, writer, batches
 
 
@@ -462,6 +499,8 @@ def _run_batches(model, batches: list, writer: PredictionWriter, bar: Progress, 
     if merge and bf16_language_model(model):  # merged weights would be rounded to bf16: keep hooks
         log.info("the language model is stored in bf16: adapters are applied unmerged")
         merge = False
+    if merge and writer.library is not None:
+        merge = False  # records of different adapters share batches: nothing can be merged
     if merge and adapted_parts(model) and batches:
         estimator.before(lengths[0])
         writer.merge_check, merged = merge_adapter_checked(model, [r.sequence for r in batches[0]], device,
@@ -478,7 +517,7 @@ def _run_batches(model, batches: list, writer: PredictionWriter, bar: Progress, 
             else:
                 estimator.before(lengths[k])
                 started = time.perf_counter()
-                results = _predict_or_split(model, batch, device, recycles)
+                results = _predict_or_split(model, batch, device, recycles, writer.route)
                 estimator.after(lengths[k], time.perf_counter() - started)
             for record, result in results:
                 writer.write(record, result)

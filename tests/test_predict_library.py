@@ -1,0 +1,169 @@
+"""Many adapters over one ESMFold (fold/predict/library.py, predict.py --adapter-library): records of different
+adapters share batches, and each record's structure and pLDDT equal its prediction alone with its adapter (LoRTA
+and LoRA, language model and trunk, monomers and a multimer); per-record choices (adapter=NAME, --adapter,
+auto routing) and their outputs."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from esmfold_peft.adapters import LoRAConfig, LoRTAConfig, add_adapter, get_adapter_set, load_adapter, save_adapter
+from esmfold_peft.fold.model.build import TRUNK_FAMILIES
+from esmfold_peft.fold.predict import predict_fasta, predict_sequences
+from esmfold_peft.fold.predict.library import (AdapterLibrary, Choice, LibraryError, LibraryOptions, scan_library,
+                                               serve_library)
+from esmfold_peft.fold.run.esmfold_read import load_esmfold_checkpoint
+from esmfold_peft.fold.run.sketch import Sketch
+from fold_fixtures import load_script, tiny_run_config, write_esmfold_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POS_TOL, PLDDT_TOL = 1e-3, 0.01  # Å, pLDDT points
+SEQS = {"q1": "MKTAYIAKQRQISFVKSHFSRQ", "q2": "GSHMLEDPVKRWACDEFG", "q3": "MKTAYIAKQR:DPWERSHLNVQA",
+        "q4": "LLGDFFRKSKEKIGKEFKRIV", "q5": "MKTAYIAKQRQISFVKSHFSRQ"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("library_base")
+    cfg = tiny_run_config(tmp)
+    return write_esmfold_checkpoint(cfg, tmp / "base.pt"), cfg.model.lm.path
+
+
+def load_base(base):
+    model, _ = load_esmfold_checkpoint(base[0], lm=base[1])
+    return model.eval()
+
+
+def perturb(adapter, seed, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def write_entry(base, folder, parts: dict, seed: int, sketch_of=()):
+    """A library entry: adapters (random nonzero factors) on the base's LM ("esm") and/or trunk, saved as a run
+    saves them (adapter/, trunk_adapter/), with a routing sketch of `sketch_of`."""
+    model = load_base(base)
+    for part, config in parts.items():
+        module = getattr(model, part)
+        layout = TRUNK_FAMILIES if part == "trunk" else None
+        perturb(add_adapter(module, copy.deepcopy(config), layout=layout), seed + len(part))
+        directory = folder / ("adapter" if part == "esm" else "trunk_adapter")
+        save_adapter(module, directory)
+        if sketch_of:
+            Sketch.of(sketch_of).save(directory)
+    return folder
+
+
+def solo(base, entry, sequences):
+    """Each sequence predicted alone with the entry's adapters (None: the base model)."""
+    model = load_base(base)
+    if entry is not None:
+        for part, d in (("esm", "adapter"), ("trunk", "trunk_adapter")):
+            if (entry / d).is_dir():
+                load_adapter(getattr(model, part), entry / d)
+    return [predict_sequences(model, [s], torch.device("cpu"), 0)[0] for s in sequences]
+
+
+def assert_same(a, b):
+    assert a.atom_positions.shape == b.atom_positions.shape
+    assert np.abs(a.atom_positions - b.atom_positions).max() <= POS_TOL
+    assert np.abs(a.plddt - b.plddt).max() <= PLDDT_TOL
+
+
+@pytest.fixture(scope="module")
+def lorta_library(base, tmp_path_factory):
+    lib = tmp_path_factory.mktemp("lib_lorta")
+    write_entry(base, lib / "lm", {"esm": LoRTAConfig(rank=4, alpha=8)}, 1, sketch_of=[SEQS["q1"], SEQS["q5"]])
+    write_entry(base, lib / "trunk", {"trunk": LoRTAConfig(rank=2, alpha=4)}, 2, sketch_of=[SEQS["q2"]])
+    write_entry(base, lib / "both", {"esm": LoRTAConfig(rank=2, alpha=2, targets=("q", "v")),
+                                     "trunk": LoRTAConfig(rank=3, alpha=3)}, 3, sketch_of=[SEQS["q3"]])
+    return lib
+
+
+@pytest.mark.parametrize("kind", ["lorta", "lora"])
+def test_a_mixed_batch_equals_each_record_alone_with_its_adapter(base, lorta_library, tmp_path, kind):
+    if kind == "lorta":
+        lib = lorta_library
+    else:
+        lib = tmp_path / "lib"
+        write_entry(base, lib / "lm", {"esm": LoRAConfig(rank=2, alpha=4)}, 4)
+        write_entry(base, lib / "trunk", {"trunk": LoRAConfig(rank=1, alpha=2)}, 5)
+        write_entry(base, lib / "both", {"esm": LoRAConfig(rank=1, alpha=1), "trunk": LoRAConfig(rank=2)}, 6)
+    names = ["lm", None, "both", "trunk", "lm"]  # three adapters and the base, a multimer (q3) among them
+    library = AdapterLibrary(lib)
+    model = load_base(base)
+    serve_library(library, model, base[0], announce=False)
+    with library.routed([Choice(n, "fasta") for n in names]):
+        mixed = predict_sequences(model, list(SEQS.values()), torch.device("cpu"), 0)
+    plain = solo(base, None, SEQS.values())
+    for pred, name, seq, bare in zip(mixed, names, SEQS.values(), plain):
+        alone = solo(base, None if name is None else lib / name, [seq])[0]
+        assert_same(pred, alone)
+        if name is not None:  # each adapter visibly moves its records, or the check above proves nothing
+            assert np.abs(alone.atom_positions - bare.atom_positions).max() > 10 * POS_TOL, name
+
+
+def test_predict_writes_each_records_adapter_and_auto_routes_by_training_sequences(base, lorta_library, tmp_path,
+                                                                                    capsys):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">q1 adapter=lm\nMKTAYIAKQRQISFVKSHFSRQ\n>q2\nGSHMLEDPVKRWACDEFG\n"
+                     ">q3 adapter=base\nMKTAYIAKQR:DPWERSHLNVQA\n>q4 adapter=nope\nLLGDFFRKSKEKIGKEFKRIV\n"
+                     ">q5\nLLGDFFRKSKEKIGKEFKRIV\n")
+    assert load_script("predict").main(["-i", str(fasta), "--esmfold", str(base[0]), "--lm", str(base[1]),
+                                        "-o", str(tmp_path / "o"), "--adapter-library", str(lorta_library),
+                                        "--adapter", "auto", "--cpu-only", "--no-progress", "--num-recycles",
+                                        "0"]) == 1  # q4 names an adapter the library lacks: that record fails
+    out = tmp_path / "o"
+    summary = json.loads((out / "predictions.json").read_text())
+    by_id = {p["id"]: p for p in summary["predictions"]}
+    assert by_id["q1"]["adapter"] == "lm" and by_id["q1"]["routing"]["how"] == "fasta"
+    assert by_id["q2"]["adapter"] == "trunk" and by_id["q2"]["routing"]["how"] == "auto"
+    assert by_id["q2"]["routing"]["score"] == 1.0  # its own training sequence
+    assert by_id["q3"]["adapter"] == "base"
+    assert by_id["q5"]["adapter"] == "base" and by_id["q5"]["routing"]["score"] < 0.1  # unrelated: the base
+    assert "REMARK" in (out / "q1.pdb").read_text() and "q1 adapter lm" in (out / "q1.pdb").read_text()
+    rows = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()]
+    assert rows[0][3] == "adapter" and [r[3] for r in rows[1:4]] == ["lm", "trunk", "base"]
+    assert summary["adapter_library"] == str(lorta_library) and summary["adapter_default"] == "auto"
+    failed = {f["id"]: f["reason"] for f in summary["failures"]}
+    assert "'nope' is not in the library" in failed["q4"]
+    assert "adapter_merged" in summary and summary["adapter_merged"] is False
+
+
+def test_library_entries_and_refusals_are_one_line(base, lorta_library, tmp_path):
+    assert sorted(scan_library(lorta_library)) == ["both", "lm", "trunk"]
+    assert set(scan_library(lorta_library)["both"].parts) == {"esm", "trunk"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LibraryError, match="holds no adapter"):
+        scan_library(tmp_path / "empty")
+    (tmp_path / "odd" / "x").mkdir(parents=True)
+    with pytest.raises(LibraryError, match="not a library entry"):
+        scan_library(tmp_path / "odd")
+    other = tmp_path / "other.pt"
+    from fold_fixtures import tiny_run_config as cfg_of
+    write_esmfold_checkpoint(cfg_of(tmp_path / "o"), other, seed=9)
+    library = AdapterLibrary(lorta_library, capacity=1)
+    model, _ = load_esmfold_checkpoint(other, lm=base[1])
+    serve_library(library, model, other, announce=False)
+    with pytest.raises(LibraryError, match="trunk_adapter.*allow_other_base"):
+        with library.routed([Choice("trunk", "fasta")]):
+            pass
+
+
+def test_the_cache_keeps_at_most_its_capacity_and_reloads_evicted_entries(base, lorta_library):
+    library = AdapterLibrary(lorta_library, capacity=2)
+    model = load_base(base)
+    serve_library(library, model, base[0], announce=False)
+    for names in (["lm"], ["trunk"], ["both"], ["lm", "both"], ["lm"]):
+        library.ensure(names)
+        assert len(library.resident) <= 2 and all(n in library.resident for n in names)
+    assert library.loads == 4  # lm, trunk, both, then lm again after its eviction
+    assert library.resident_bytes() > 0
+    with pytest.raises(LibraryError, match="more than --adapter-cache 2"):
+        library.ensure(["lm", "trunk", "both"])
