@@ -32,7 +32,10 @@ Examples:
 # The new family is by default a *distant* family (`new_family="distant"`): variants of the first base
 # parent at a higher substitution rate (`new_rate`, 0.6), so sequences the base never saw, at about 40%
 # identity to a fold it knows; that is the usual case of fine-tuning ESMFold (a family it folds with
-# low accuracy, on folds the PDB holds). `new_family="unseen"` puts the new family on a parent the
+# low accuracy, on folds the PDB holds). `new_family="clade"` makes it a clade: one ancestor at
+# `new_rate` from the first base parent, and variants of that ancestor at `rate`, so the family's members
+# share the ancestor's residues (as a real family shares its substitutions; the distant kind's variants
+# are independent draws, related only through the base parent). `new_family="unseen"` puts the new family on a parent the
 # base never saw instead: a new fold, which adapters alone did not teach a model this small (docs/finetune.md).
 #
 #     run_demo(DemoSettings(), Path("runs/demo-finetune"))      # scripts/demo_finetune.py
@@ -67,6 +70,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -79,6 +83,7 @@ from esmfold_peft.atomic import atomic_write, write_json_atomic
 from esmfold_peft.data import families as fam
 from esmfold_peft.data.demo import ensure_demo_data
 from esmfold_peft.data.structures import iter_structures
+from esmfold_peft.fold.predict.library import DEFAULT_THRESHOLD
 from esmfold_peft.runtime.cli import exit_code_table, non_negative_int, positive_float, positive_int, run_main
 from esmfold_peft.runtime.errors import COMPLETED, EXIT_OK, UserError
 from esmfold_peft.runtime.rundir import RunDir, ensure_writable_dir
@@ -90,7 +95,8 @@ STATE = "demo.json"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 BASE_FILE = "base_esmfold.pt"
 FORMAT = 1
-NEW_FAMILY_KINDS = ("distant", "unseen")
+NEW_FAMILY_KINDS = ("distant", "unseen", "clade")
+LIBRARY, ADAPTER_ENTRY = "library", "new_family"  # the adapter library the routed model serves, and its entry
 # the trunk of a --smoke demonstration: the tiniest shapes, seconds per stage
 SMOKE_TRUNK = ("model.trunk.num_blocks=1", "model.trunk.sequence_state_dim=32", "model.trunk.pairwise_state_dim=16",
                "model.trunk.sequence_head_width=16", "model.trunk.pairwise_head_width=8",
@@ -107,7 +113,8 @@ class DemoSettings:
     n_families: int = 2  # base families
     max_parent_length: int = 100
     rate: float = 0.3  # fraction of residues substituted in each variant of a base family
-    new_family: str = "distant"  # distant: on the first base parent's fold; unseen: on one more parent
+    new_family: str = "distant"  # distant: on the first base parent's fold; unseen: on one more parent; clade: see
+    # make_families
     new_rate: float = 0.6  # fraction of residues substituted in each variant of the new family
     base_train_variants: int = 8
     base_val_variants: int = 5  # 10 held-out chains over the base families: enough for a correlation
@@ -193,12 +200,15 @@ def make_families(settings: DemoSettings, demo_root: Optional[Path], out: Path) 
     unseen = settings.new_family == "unseen"
     parents = fam.choose_parents(chains, settings.n_families + unseen, settings.max_parent_length)
     base = parents[:settings.n_families]
-    new = parents[-1:] if unseen else parents[:1]
+    new, new_rate = (parents[-1:] if unseen else parents[:1]), settings.new_rate
+    if settings.new_family == "clade":  # one ancestor at new_rate from the first base parent, variants of it at rate
+        positions, residues = fam.substitution_draw(parents[0], settings.new_rate, settings.seed + 2, 0)
+        new, new_rate = [fam.substituted(parents[0], positions, residues, f"{parents[0].name}_clade")], settings.rate
     return {
         "base": fam.write_families(base, out / "families" / "base", n_train=settings.base_train_variants,
                                    n_val=settings.base_val_variants, rate=settings.rate, seed=settings.seed),
         "new": fam.write_families(new, out / "families" / "new", n_train=settings.new_train_variants,
-                                  n_val=settings.new_val_variants, rate=settings.new_rate, seed=settings.seed + 1),
+                                  n_val=settings.new_val_variants, rate=new_rate, seed=settings.seed + 1),
     }
 
 
@@ -276,9 +286,30 @@ def _completed_prediction(pred_dir: Path, n: int) -> bool:
     return summary.get("status") == "completed" and summary.get("n_predicted") == n
 
 
-MODELS = {"base": None, "finetuned": "finetune", "finetuned_heads": "finetune_heads"}  # model -> its run directory
+MODELS = {"base": None, "finetuned": "finetune", "finetuned_heads": "finetune_heads",  # model -> its run directory
+          "routed": None}  # the base file serving a library of the fine-tuned adapter, --adapter auto
 MODEL_LABELS = {"base": "base (exported file)", "finetuned": "fine-tuned, heads frozen",
-                "finetuned_heads": "fine-tuned, heads trained"}
+                "finetuned_heads": "fine-tuned, heads trained", "routed": "base + adapter library, auto-routed"}
+
+
+def library_stage(out: Path) -> Path:
+    """out/library: one entry, the fine-tuned run's adapter folders (with the sketch of its training sequences)."""
+    entry = out / LIBRARY / ADAPTER_ENTRY
+    for name in ("adapter", "trunk_adapter"):
+        if (out / "finetune" / name).is_dir():
+            shutil.copytree(out / "finetune" / name, entry / name, dirs_exist_ok=True)
+    return out / LIBRARY
+
+
+def routing(where: Path, family: str) -> dict:
+    """How --adapter auto routed a family's held-out variants (right: the new family's to its adapter, the base
+    families' to the base)."""
+    records = json.loads((where / "predictions.json").read_text())["predictions"]
+    want = ADAPTER_ENTRY if family == "new" else "base"
+    to_adapter = sum(r["adapter"] == ADAPTER_ENTRY for r in records)
+    return {"n": len(records), "to_adapter": to_adapter, "to_base": len(records) - to_adapter,
+            "accuracy": sum(r["adapter"] == want for r in records) / max(1, len(records)),
+            "scores": [r["routing"]["score"] for r in records]}
 
 
 def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str, progress: bool) -> dict:
@@ -287,14 +318,16 @@ def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str,
     from esmfold_peft.eval.evaluate import evaluate_paths
     from esmfold_peft.eval.report import summarize
     from esmfold_peft.fold.predict import predict_fasta
+    from esmfold_peft.fold.predict.library import LibraryOptions
 
     data = out / "families" / family
     where = out / "eval" / f"{model}-on-{family}"
     n = len((data / "val.fasta").read_text().split(">")) - 1
     if not _completed_prediction(where / "predictions", n):
-        if model == "base":
+        if model in ("base", "routed"):
+            library = LibraryOptions(library_stage(out), "auto") if model == "routed" else None
             predict_fasta(data / "val.fasta", None, where / "predictions", esmfold=out / BASE_FILE, lm=lm,
-                          num_recycles=settings.num_recycles, device="cpu", progress=progress)
+                          num_recycles=settings.num_recycles, device="cpu", progress=progress, library=library)
         else:
             predict_fasta(data / "val.fasta", out / MODELS[model], where / "predictions",
                           num_recycles=settings.num_recycles, device="cpu", progress=progress)
@@ -315,6 +348,7 @@ def measure(out: Path, model: str, family: str, settings: DemoSettings, lm: str,
             "tm_score": overall["tm_score_mean_over_chains"], "rmsd_ca": overall["rmsd_ca_mean_over_chains"],
             "adapter_merged": bool(predictions.get("adapter_merged")),
             "merge_max_deviation_angstrom": check.get("max_position_deviation_angstrom"),
+            "routing": routing(where / "predictions", family) if model == "routed" else None,
             "report": str(where / "report" / "report.json")}
 
 
@@ -399,6 +433,8 @@ def _results(settings, out, state, families, scores, cmds, lm) -> dict:
                        "after_heads_trained": by[("finetuned_heads", "new")]},
         "old_families": {"before": by[("base", "base")], "after": by[("finetuned", "base")],
                          "after_heads_trained": by[("finetuned_heads", "base")]},
+        "routing": {family: by[("routed", family)]["routing"] for family in ("new", "base")},
+        "routing_threshold": DEFAULT_THRESHOLD,
         "commands": {"base": train_command(cmds["base"], out / "base"),
                      "export": f"python scripts/export_esmfold.py --run {out / 'base'} --out {out / BASE_FILE}",
                      "finetune": train_command(cmds["finetune"], out / "finetune"),
@@ -424,6 +460,23 @@ def _correlation(s: dict) -> str:
     return "none: n too small" if "fewer than" in (s.get("correlation_caveat") or "") else "none: pLDDT flat"
 
 
+def routing_table(results: dict, family_label: dict) -> list[str]:
+    """Where --adapter auto sent each family's held-out variants, and LDDT-Cα under the three ways of serving."""
+    by = {(s["model"], s["family"]): s for s in results["scores"]}
+    lines = ["", f"Many adapters over one model: the base file serving a library holding the fine-tuned adapter, "
+             f"each record routed by k-mer containment against the adapter's training sequences (--adapter auto, "
+             f"threshold {results['routing_threshold']:g}); 'adapter for everything' is the fine-tuned run, adapter "
+             "merged, on every record.", "",
+             "| held-out variants of | chains | routed to the adapter | to the base | routing accuracy | "
+             "LDDT-Cα, base alone | adapter for everything | auto-routed |", "|---|---|---|---|---|---|---|---|"]
+    for family in ("new", "base"):
+        r = by[("routed", family)]["routing"]
+        lines.append(f"| {family_label[family]} | {r['n']} | {r['to_adapter']} | {r['to_base']} | {r['accuracy']:.0%} | "
+                     f"{_f(by[('base', family)]['lddt_ca'])} | {_f(by[('finetuned', family)]['lddt_ca'])} | "
+                     f"{_f(by[('routed', family)]['lddt_ca'])} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """results.md: accuracy and calibration before and after (heads frozen, heads trained), then the stages."""
     d, st = results["data"], results["stages"]
@@ -444,6 +497,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {MODEL_LABELS[s['model']]} | {family_label[family]} | {s['n_chains']} | {_f(s['lddt_ca'])} | "
                          f"{_margin(s)} | {_f(s['mean_plddt'], 1)} | {_f(s['ece'])} | {_correlation(s)} | "
                          f"{_f(s['tm_score'])} |")
+    lines += routing_table(results, family_label)
     lines += ["", "| stage | steps | trainable parameters | wall s | CPU s |", "|---|---|---|---|---|"]
     for name in ("families", "base", "export", "finetune", "finetune_heads", "evaluate"):
         s = st[name]
@@ -491,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: {DEFAULTS.rate})")
     parser.add_argument("--new-family", choices=NEW_FAMILY_KINDS,
                         help="distant: the new family is on the first base family's fold, with more residues "
-                             "substituted; unseen: on a fold the base never saw (default: "
-                             f"{DEFAULTS.new_family})")
+                             "substituted; unseen: on a fold the base never saw; clade: on the first base family's "
+                             "fold, variants (at --rate) of one ancestor with --new-rate substituted, so they share "
+                             f"its residues as a real family does (default: {DEFAULTS.new_family})")
     parser.add_argument("--new-rate", type=unit_fraction, metavar="X",
                         help=f"fraction of residues substituted in each variant of the new family "
                              f"(default: {DEFAULTS.new_rate})")

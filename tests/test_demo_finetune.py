@@ -54,11 +54,16 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, caps
     assert json.loads((out / "finetune" / "config.json").read_text())["model"]["init_from"].endswith("base_esmfold.pt")
     assert (out / "base_esmfold.pt").is_file() and results["stages"]["export"]["esm_type"] == "esm2_8M_270K"
     assert {(s["model"], s["family"]) for s in results["scores"]} == {
-        (m, f) for m in ("base", "finetuned", "finetuned_heads") for f in ("base", "new")}
+        (m, f) for m in ("base", "finetuned", "finetuned_heads", "routed") for f in ("base", "new")}
+    routed = {f: results["routing"][f] for f in ("base", "new")}  # the library's one entry, --adapter auto
+    assert routed["base"]["n"] == 2 and routed["new"]["n"] == 1
+    assert all(r["to_adapter"] + r["to_base"] == r["n"] and 0 <= r["accuracy"] <= 1 for r in routed.values())
+    assert (out / "library" / "new_family" / "adapter" / "sketch.json").is_file()
+    assert "| routing accuracy |" in (out / "results.md").read_text()
     for s in results["scores"]:
         assert (out / "eval" / f"{s['model']}-on-{s['family']}" / "report" / "report.json").is_file()
         assert s["n_chains"] == (2 if s["family"] == "base" else 1) and 0 <= s["lddt_ca"] <= 1
-        assert s["adapter_merged"] == (s["model"] != "base")
+        assert s["adapter_merged"] == (s["model"] not in ("base", "routed"))
         assert s["pearson_r"] is None and "fewer than" in s["correlation_caveat"]  # 1-2 chains: no r, and why
         assert s["lddt_ca_margin"]["better_baseline"] in ("helix", "compact")
     for name in ("families", "base", "export", "finetune", "finetune_heads", "evaluate"):
@@ -110,3 +115,18 @@ def test_an_unseen_new_family_is_on_a_parent_the_base_never_saw(demo_data, tmp_p
     assert [p["name"] for p in distant["new"]["parents"]] == base[:1]  # the first base parent's fold
     with pytest.raises(ValueError, match="new_family must be one of distant, unseen"):
         DemoSettings(new_family="novel")
+
+
+def test_a_clade_shares_its_ancestors_residues(demo_data, tmp_path):
+    """The clade kind: variants of one ancestor (the first base parent at new_rate): its members share the
+    ancestor's substitutions, so they are closer to each other than to the base family on the same fold."""
+    from esmfold_peft.fold.run.sketch import Sketch
+
+    settings = DemoSettings.smoke(new_family="clade")
+    sets = make_families(settings, demo_data.root, tmp_path)
+    assert sets["new"]["rate"] == settings.rate and sets["new"]["parents"][0]["name"].endswith("_clade")
+    read = lambda f, split: (tmp_path / "families" / f / f"{split}.fasta").read_text().split(">")[1:]  # noqa: E731
+    seqs = lambda f, split: ["".join(r.splitlines()[1:]) for r in read(f, split)]  # noqa: E731
+    new_train, base_train = Sketch.of(seqs("new", "train")), Sketch.of(seqs("base", "train"))
+    for q in seqs("new", "val"):
+        assert new_train.score(q) > base_train.score(q)
