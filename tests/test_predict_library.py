@@ -167,3 +167,62 @@ def test_the_cache_keeps_at_most_its_capacity_and_reloads_evicted_entries(base, 
     assert library.resident_bytes() > 0
     with pytest.raises(LibraryError, match="more than --adapter-cache 2"):
         library.ensure(["lm", "trunk", "both"])
+
+
+@pytest.fixture(scope="module")
+def finetuned_entry(tmp_path_factory):
+    """(base run, its export as an ESMFold file, a slim fine-tuning run from that file): the base trained here (no
+    adapter), the fine-tuning run LoRTA on the LM and the trunk with nothing else trained, its adapters then moved
+    far enough to change structures visibly and re-saved where the run keeps them."""
+    from esmfold_peft.fold.run.checkpoint import load_trained_model
+    from esmfold_peft.fold.run.esmfold_write import export_esmfold_checkpoint
+    from esmfold_peft.fold.train import train
+    from esmfold_peft.runtime.errors import EXIT_OK
+
+    tmp = tmp_path_factory.mktemp("finetuned_entry")
+    cfg = tiny_run_config(tmp, adapter="none", steps=2)
+    cfg.model.trainable = "trunk"
+    assert train(cfg, tmp / "base", progress=False) == EXIT_OK
+    export_esmfold_checkpoint(*load_trained_model(tmp / "base"), tmp / "base.pt", esm_type="esm2_8M")
+    cfg = tiny_run_config(tmp, adapter="lorta", steps=2)
+    cfg.model.init_from, cfg.model.trainable, cfg.adapter.scope = str(tmp / "base.pt"), "", "both"
+    assert train(cfg, tmp / "run", progress=False) == EXIT_OK
+    model, _ = load_trained_model(tmp / "run")
+    for part, directory in (("esm", "adapter"), ("trunk", "trunk_adapter")):
+        perturb(get_adapter_set(getattr(model, part)).get(), seed=len(part))
+        save_adapter(getattr(model, part), tmp / "run" / directory)
+    assert (tmp / "run" / "adapter" / "sketch.json").is_file()  # written by the run's export
+    return tmp / "base", tmp / "base.pt", tmp / "run", cfg.model.lm.path
+
+
+def pdb_atoms(path):
+    return np.array([[float(line[30:38]), float(line[38:46]), float(line[46:54])]
+                     for line in path.read_text().splitlines() if line.startswith("ATOM")])
+
+
+@pytest.mark.parametrize("served_over", ["esmfold", "run"])
+def test_a_whole_run_entry_predicts_as_the_run_itself(finetuned_entry, tmp_path, served_over):
+    """A fine-tuning run as a library entry, served over its base file (--esmfold) or over the base run the file was
+    exported from (--run), predicts what `predict.py --run` of that run predicts (PDB coordinates to their 3
+    decimals, pLDDT to its 2)."""
+    import shutil
+
+    base_run, base_file, run, lm = finetuned_entry
+    lib = tmp_path / "lib"
+    shutil.copytree(run, lib / "ft")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{k}\n{v}\n" for k, v in SEQS.items() if k in ("q1", "q3")))
+    solo_run = predict_fasta(fasta, run, tmp_path / "solo", merge=False, progress=False, num_recycles=0)
+    over = dict(run_dir=None, esmfold=base_file, lm=lm) if served_over == "esmfold" else dict(run_dir=base_run)
+    mixed = predict_fasta(fasta, out_dir=tmp_path / "lib_out", progress=False, num_recycles=0,
+                          library=LibraryOptions(lib, "ft"), **over)
+    assert [p["adapter"] for p in mixed.predicted] == ["ft", "ft"]
+    for p, q in zip(solo_run.predicted, mixed.predicted):
+        assert np.abs(pdb_atoms(tmp_path / "solo" / p["structure"]) -
+                      pdb_atoms(tmp_path / "lib_out" / q["structure"])).max() <= 2e-3
+        assert p["plddt_per_residue"] == q["plddt_per_residue"] or \
+            np.abs(np.array(p["plddt_per_residue"]) - np.array(q["plddt_per_residue"])).max() <= 0.02
+    bare = predict_fasta(fasta, out_dir=tmp_path / "bare", progress=False, num_recycles=0, **over)
+    moved = max(np.abs(pdb_atoms(tmp_path / "bare" / p["structure"]) - pdb_atoms(tmp_path / "solo" / p["structure"]))
+                .max() for p in bare.predicted)
+    assert moved > 10 * POS_TOL
