@@ -134,6 +134,7 @@ def test_predict_writes_each_records_adapter_and_auto_routes_by_training_sequenc
     failed = {f["id"]: f["reason"] for f in summary["failures"]}
     assert "'nope' is not in the library" in failed["q4"]
     assert "adapter_merged" in summary and summary["adapter_merged"] is False
+    assert summary["library"]["resident_bytes"] > 0 and summary["library"]["bytes_per_resident_adapter"] > 0
 
 
 def test_library_entries_and_refusals_are_one_line(base, lorta_library, tmp_path):

@@ -404,6 +404,7 @@ class PredictionWriter:
                     f"<stem>{PAE_JSON_SUFFIX}: the same in AlphaFold DB's JSON format, 2 decimals"
                     if heads.ptm else "not written: the pTM head was never trained"),
             "ptm_head_trained": heads.ptm, "summary_tsv": TSV_FILE,
+            "library": self.library.describe() if self.library is not None else None,
             "n_records": len(records) + len(bad), "n_predicted": len(predicted),
             "n_reused": sum(len(pt.get("reused", [])) for pt in parts),
             "n_failed": len(bad) + len(prediction_failures),

@@ -275,9 +275,13 @@ class AdapterLibrary:
             yield
 
     def describe(self) -> dict:
+        """What predictions.json says of the library: entries, cache, loads, and the resident bytes (this process)."""
+        resident = self.resident_bytes() if self.model is not None else 0
         return {"folder": str(self.folder), "entries": {n: {p: str(d) for p, d in e.parts.items()}
                                                         for n, e in self.entries.items()},
-                "capacity": self.capacity, "loaded": self.loads, "resident": list(self.resident)}
+                "capacity": self.capacity, "loaded": self.loads, "resident": list(self.resident),
+                "resident_bytes": resident,
+                "bytes_per_resident_adapter": resident // len(self.resident) if self.resident else None}
 
 
 
