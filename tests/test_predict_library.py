@@ -227,3 +227,20 @@ def test_a_whole_run_entry_predicts_as_the_run_itself(finetuned_entry, tmp_path,
     moved = max(np.abs(pdb_atoms(tmp_path / "bare" / p["structure"]) - pdb_atoms(tmp_path / "solo" / p["structure"]))
                 .max() for p in bare.predicted)
     assert moved > 10 * POS_TOL
+
+
+def test_a_chunked_trunk_splits_batches_by_adapter_with_the_same_structures(base, lorta_library, tmp_path):
+    """--chunk-size flattens triangle attention's batch: trunk adapters of different records cannot be gathered
+    in one forward, so the job splits each batch by adapter; the structures are those of the gathered job."""
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">q1 adapter=trunk\nMKTAYIAKQRQISFVKSHFSRQ\n>q2 adapter=both\nGSHMLEDPVKRWACDEFGHI\n"
+                     ">q3\nLLGDFFRKSKEKIGKEFKRIV\n")
+    library = LibraryOptions(lorta_library, "lm")
+    runs = {chunk: predict_fasta(fasta, None, tmp_path / str(chunk), esmfold=base[0], lm=base[1], progress=False,
+                                 num_recycles=0, library=library, chunk_size=chunk) for chunk in (None, 4)}
+    assert [p["batch_size"] for p in runs[None].predicted] == [3, 3, 3]  # one gathered batch
+    assert [p["batch_size"] for p in runs[4].predicted] == [1, 1, 1]  # split by adapter
+    for a, b in zip(runs[None].predicted, runs[4].predicted):
+        assert a["adapter"] == b["adapter"]
+        assert np.abs(pdb_atoms(tmp_path / "None" / a["structure"]) - pdb_atoms(tmp_path / "4" / b["structure"])
+                      ).max() <= 2e-3
