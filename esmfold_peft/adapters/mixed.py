@@ -103,8 +103,8 @@ def _lorta_factors(adapter) -> Dict[str, torch.Tensor]:
     C_M = torch.zeros(len(MATRICES), config.rank, dtype=adapter.C_M.dtype)
     for i, m in enumerate(adapter.targets):
         C_M[MATRICES.index(m)] = adapter.C_M.detach()[i].cpu() * config.scale
-    return {"A": adapter.A.detach().cpu(), "B": adapter.B.detach().cpu(), "C_H": adapter.C_H.detach().cpu(),
-            "C_L": adapter.C_L.detach().cpu(), "C_M": C_M}
+    return {"A": adapter.A.detach().cpu().clone(), "B": adapter.B.detach().cpu().clone(),
+            "C_H": adapter.C_H.detach().cpu().clone(), "C_L": adapter.C_L.detach().cpu().clone(), "C_M": C_M}
 
 
 def _lora_factors(adapter, layout: AttentionLayout) -> Dict[str, torch.Tensor]:
@@ -115,8 +115,8 @@ def _lora_factors(adapter, layout: AttentionLayout) -> Dict[str, torch.Tensor]:
             out_f, in_f = layout.linear_shape(m)
             key = adapter._key(layer, m)
             if m in adapter.targets:
-                out[f"{layer}.{m}.A"] = adapter.A[key].detach().cpu().T.contiguous()  # in × r
-                out[f"{layer}.{m}.B"] = (adapter.B[key].detach().cpu() * adapter.config.scale)  # out × r
+                out[f"{layer}.{m}.A"] = adapter.A[key].detach().cpu().T.clone(memory_format=torch.contiguous_format)  # in × r
+                out[f"{layer}.{m}.B"] = adapter.B[key].detach().cpu() * adapter.config.scale  # out × r (a copy)
             else:
                 out[f"{layer}.{m}.A"] = torch.zeros(in_f, adapter.config.rank)
                 out[f"{layer}.{m}.B"] = torch.zeros(out_f, adapter.config.rank)

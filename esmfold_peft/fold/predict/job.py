@@ -246,14 +246,8 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
         served = AdapterLibrary(library.folder, library.capacity, allow_other_base)
         contents, choices = choose_adapters(contents, served, library)
     world = world_size()
-    own_group = False
-    if world > 1:
-        own_group = not dist.is_initialized()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        _, torch_device = setup_distributed(f"cuda:{local_rank}" if device == "cuda" else device)
-        rank = dist.get_rank()
-    else:
-        torch_device, rank = resolve_device(device), 0
+    own_group = world > 1 and not dist.is_initialized()
+    torch_device, rank = _device_and_rank(device, world)
     finished = False
     try:
         run = _predict(contents, fasta, run_dir, out_dir, checkpoint=checkpoint, esmfold=esmfold, lm=lm,
@@ -270,6 +264,15 @@ def predict_fasta(fasta: str | Path, run_dir: str | Path | None, out_dir: str | 
     finally:
         if own_group:
             teardown_distributed(synchronize=finished)
+
+
+def _device_and_rank(device: Optional[str], world: int) -> tuple[torch.device, int]:
+    """This process's device and rank (under torchrun: the process group set up, each process its own GPU)."""
+    if world == 1:
+        return resolve_device(device), 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _, torch_device = setup_distributed(f"cuda:{local_rank}" if device == "cuda" else device)
+    return torch_device, dist.get_rank()
 
 
 def _check_arguments(run_dir, esmfold, num_recycles, chunk_size, max_tokens_per_batch, max_length,
