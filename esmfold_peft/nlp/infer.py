@@ -16,23 +16,38 @@ the base model, for comparison.
 
 Generation is greedy and batched: the prompts of one batch are left-padded and answered in one
 `model.generate` call, so each equals what the prompt gets alone.
+
+Several runs over one base (`load_runs`): the base network is built once, from the first run, and
+each run's adapter is loaded onto it under its own name and made available to mixed batches
+(`AdapterSet.mix`, `adapters/mixed.py`). `classify` and `generate` then take one adapter name per
+row (None: the base model), and the rows of one batch may name different adapters: the batch runs
+once, inside `AdapterSet.routed`, each row with its own adapter, and each row's result equals what
+it gets with its run alone (`load_run`; a None row: `load_run(first run, adapter=False)`).
+
+    runs = load_runs(["runs/rt-a", "runs/rt-b"])        # adapter names: the folder names
+    classify(runs, [("a fine film", None)] * 3, adapters=["rt-a", "rt-b", None])
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import ml_collections as mlc
 import torch
 
-from ..adapters import has_adapters, is_adapted, load_adapter, unload
+from ..adapters import get_adapter_set, has_adapters, is_adapted, load_adapter, unload
 from ..adapters.files import HEAD_CONFIG, HEAD_WEIGHTS
+from ..adapters.head import check_head, copy_head, read_head
+from ..adapters.io import saved_base
+from ..adapters.mixed import MixedAdapterError
 from ..atomic import atomic_write
 from ..runtime.artifacts import load_safetensors, read_json, require_file
 from ..runtime.config import apply_overrides
@@ -49,6 +64,7 @@ from .tasks import ClassificationTask, load_head, pad_batch
 # the classification tasks whose examples are sentence pairs (the stand-in corr2cause reads its own files)
 PAIR_TASKS = frozenset(n for n, s in TASKS.items() if s.text_b is not None) | {"corr2cause"}
 TSV_HEADERS = {1: ("sentence",), 2: ("sentence1", "sentence2")}  # a first line equal to these is a header
+ADAPTER_KEY = "adapter"  # an input's adapter: a TSV header's extra last column, a JSON line's key
 PathLike = Union[str, os.PathLike]
 
 
@@ -162,6 +178,258 @@ def label_names(run: RunDir, cfg: mlc.ConfigDict) -> Optional[tuple]:
     return None if labels is None else tuple(labels)
 
 
+# --- several runs over one base -------------------------------------------------------------------------
+
+BASE = "base"  # the base model's name in input files and on the command line (None in the API)
+
+
+@dataclass
+class MixedRun:
+    """One run of a `LoadedRuns`: its folder, its config, its label names and its classification head."""
+
+    path: Path
+    cfg: mlc.ConfigDict
+    labels: Optional[tuple]
+    head: dict  # the head's leaf module path -> {parameter name: tensor}; {} for a language model
+
+
+@dataclass
+class LoadedRuns:
+    """Several runs' adapters over one base network (`load_runs`), ready for mixed batches (eval mode).
+
+    The model holds the first run's head; in a routed batch each row meets its own run's head."""
+
+    net: Network
+    runs: dict  # adapter name -> MixedRun, in the order given
+
+    @property
+    def names(self) -> tuple:
+        return tuple(self.runs)
+
+    @property
+    def first(self) -> MixedRun:
+        return next(iter(self.runs.values()))
+
+    @property
+    def cfg(self) -> mlc.ConfigDict:
+        return self.first.cfg
+
+    @property
+    def labels(self) -> Optional[tuple]:
+        """The first run's label names (a base row's); each run has its own (`run_of(name).labels`)."""
+        return self.first.labels
+
+    @property
+    def is_lm(self) -> bool:
+        return self.cfg.task in LM_TASKS
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.model.parameters()).device
+
+    def run_of(self, name: Optional[str]) -> MixedRun:
+        """The run whose head and settings a row with adapter `name` uses (None, the base model: the first's)."""
+        return self.first if name is None else self.runs[name]
+
+
+AnyLoaded = Union[LoadedRun, LoadedRuns]
+
+
+def run_names(run_dirs: Sequence[PathLike], names: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """The adapter names of runs served together: `names[i]`, else the folder's name; checked (one line)."""
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise UserError("no runs given")
+    given = list(names) if names is not None else [None] * len(dirs)
+    if len(given) != len(dirs):
+        raise ValueError(f"{len(given)} names for {len(dirs)} runs")
+    out = [n if n is not None else Path(os.path.abspath(d)).name for d, n in zip(dirs, given)]
+    for d, n in zip(dirs, out):
+        if not n or "." in n or n == BASE:
+            raise UserError(f"{d}: {n!r} cannot name its adapter (a name is not empty, has no '.', and {BASE!r} "
+                            "is the base model): give it another (--run NAME=DIR)")
+        if out.count(n) > 1:
+            twins = ", ".join(str(x) for x, m in zip(dirs, out) if m == n)
+            raise UserError(f"{out.count(n)} runs are named {n!r} ({twins}): give them names (--run NAME=DIR)")
+    return out
+
+
+def load_runs(run_dirs: Sequence[PathLike], names: Optional[Sequence[Optional[str]]] = None,
+              allow_other_base: bool = False, device="cpu", overrides: Sequence[str] = ()) -> LoadedRuns:
+    """Several runs' adapters over ONE base network, for batches whose rows use different adapters.
+
+    The runs must share the base: the same kind of task (classification with the same input columns and
+    number of outputs, or language modelling), the same `model.name` (a `random` one also the same
+    `model.random`, `model.max_length` and seed, which make its weights), and the same base weights: the
+    fingerprints their adapters recorded agree, and `load_adapter` checks each against the network built
+    from the first run. Each must be a lorta or lora run (none and full runs have no adapter to route),
+    all of one kind (the core stacks one kind per model). Adapter names default to the folders' names.
+
+    Classification heads: each run trained its own. The model holds the first run's; the others' tensors
+    are kept per leaf module of the head (BERT: `bert.pooler.dense` and `classifier`; RoBERTa:
+    `classifier.dense` and `classifier.out_proj`). In a routed batch (`classify(..., adapters=...)`) a
+    forward hook on each of these modules recomputes its output for the rows of every other run with
+    `torch.func.functional_call` and that run's tensors. So the encoder runs once per batch, each row with
+    its own adapter, and each row then meets its own run's head: the same code and weights as with its
+    run alone (the head's modules treat rows independently), hence the same logits up to float
+    reassociation. A base row (None) keeps the first run's head, as `load_run(first, adapter=False)`.
+    """
+    dirs = [Path(d) for d in run_dirs]
+    names = run_names(dirs, names)
+    cfgs = [run_config(d, overrides) for d in dirs]
+    for d, cfg in zip(dirs, cfgs):
+        _check_mixable(RunDir(d), cfg)
+    _check_one_base(dirs, cfgs, allow_other_base)
+    net = build_network(cfgs[0])
+    runs = {name: _add_run(net, RunDir(d), name, cfg, allow_other_base) for d, name, cfg in zip(dirs, names, cfgs)}
+    net.model.to(device).eval()
+    params = dict(net.model.named_parameters())
+    for run in runs.values():  # the heads' tensors where and as the model's
+        run.head = {m: {k: v.to(params[f"{m}.{k}"]) for k, v in leaf.items()} for m, leaf in run.head.items()}
+    copy_head(net.model, {f"{m}.{k}": v for m, leaf in next(iter(runs.values())).head.items() for k, v in leaf.items()})
+    return LoadedRuns(net, runs)
+
+
+def _check_mixable(run: RunDir, cfg: mlc.ConfigDict) -> None:
+    method = cfg.adapter.method
+    if not is_adapted(method):
+        what = {"none": "a head-only run", "full": "a fully fine-tuned run"}.get(method, f"a {method} run")
+        raise UserError(f"{run.path}: {what} (adapter.method={method}) has no adapter to serve beside others' "
+                        "over one network; predict with it alone")
+    _check_exported(run, cfg)
+
+
+def _check_one_base(dirs: Sequence[Path], cfgs: Sequence[mlc.ConfigDict], allow_other_base: bool) -> None:
+    """Refuse (one line) runs that do not share one base network, or adapters of two kinds."""
+    for d, cfg in zip(dirs[1:], cfgs[1:]):
+        fault = _base_difference(cfgs[0], cfg)
+        if fault:
+            raise UserError(f"{d} cannot share one network with {dirs[0]}: {fault}")
+    if len({cfg.adapter.method for cfg in cfgs}) > 1:
+        kinds = ", ".join(f"{d} ({cfg.adapter.method})" for d, cfg in zip(dirs, cfgs))
+        raise UserError(f"LoRTA and LoRA adapters cannot share one mixed batch: {kinds}; predict with each kind "
+                        "separately")
+    prints = [_fingerprint(RunDir(d)) for d in dirs]
+    for d, digest in zip(dirs[1:], prints[1:]):
+        if not allow_other_base and digest and prints[0] and digest != prints[0]:
+            raise UserError(f"{d}: its adapter was made for other base weights (sha256 {digest[:12]}…) than "
+                            f"{dirs[0]}'s ({prints[0][:12]}…); runs served together share one base")
+
+
+def _base_difference(a: mlc.ConfigDict, b: mlc.ConfigDict) -> Optional[str]:
+    """What keeps run config `b` off the network built from run config `a` (None: nothing)."""
+    if (a.task in LM_TASKS) != (b.task in LM_TASKS):
+        return f"task {b.task} vs {a.task} (a language model and a classifier)"
+    shape = [None if c.task in LM_TASKS else (columns_of(c), TASKS[c.task].num_labels) for c in (a, b)]
+    if shape[0] != shape[1]:
+        return f"task {b.task} vs {a.task} (other inputs or outputs)"
+    keys = ["model.name"]
+    if a.model.name == "random":  # its weights come from these and the seed
+        keys += [f"model.random.{k}" for k in sorted(set(a.model.random) | set(b.model.random))]
+        keys += ["model.max_length", "train.seed"]
+    for key in keys:
+        mine, theirs = (_get(c, key) for c in (a, b))
+        if mine != theirs:
+            return f"{key} {theirs} vs {mine}" + (" (the seed makes a random network's weights)"
+                                                   if key == "train.seed" else "")
+    return None
+
+
+def _get(cfg: mlc.ConfigDict, key: str):
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, mlc.ConfigDict) else None
+    return cfg
+
+
+def _fingerprint(run: RunDir) -> Optional[str]:
+    """The float32 fingerprint of the base weights the run's adapter records (None: none recorded)."""
+    base = saved_base(run.adapter_dir) or {}
+    return (base.get("sha256") or {}).get("float32")
+
+
+def _add_run(net: Network, run: RunDir, name: str, cfg: mlc.ConfigDict, allow_other_base: bool) -> MixedRun:
+    """Load a run's adapter under `name`, make it routable, and read its head (not copied into the model)."""
+    load_adapter(net.model, run.adapter_dir, name=name, allow_other_base=allow_other_base, head=False,
+                 activate=False)
+    try:
+        get_adapter_set(net.model).mix(name)
+    except MixedAdapterError as exc:
+        raise UserError(f"{run.path}: its adapter cannot be served beside others: {exc}") from None
+    head = _run_head(net, run) if net.head_names else {}
+    return MixedRun(run.path, cfg, None if cfg.task in LM_TASKS else label_names(run, cfg), head)
+
+
+def _run_head(net: Network, run: RunDir) -> dict:
+    """The run's trained head, checked against the model and grouped by leaf module."""
+    path = run.adapter_dir / HEAD_WEIGHTS
+    tensors = read_head(run.adapter_dir)
+    if set(tensors) != set(net.head_names):
+        raise ArtifactError(path, "no classification head saved here" if not tensors else
+                            f"holds {', '.join(sorted(tensors)[:4])}, not the model's head "
+                            f"({', '.join(sorted(net.head_names)[:4])})")
+    check_head(net.model, tensors, path)
+    leaves: dict = {}
+    for n, v in tensors.items():
+        module, _, leaf = n.rpartition(".")
+        leaves.setdefault(module, {})[leaf] = v
+    return leaves
+
+
+def _row_adapters(loaded: AnyLoaded, n: int, adapters: Optional[Sequence[Optional[str]]]) -> Optional[list]:
+    """Per row: its adapter's name (None, or "base": the base model), checked; None for one run's `LoadedRun`."""
+    if isinstance(loaded, LoadedRun):
+        if adapters is not None:
+            raise ValueError("per-row adapters need the runs loaded together: load_runs, not load_run")
+        return None
+    names = [loaded.names[0]] * n if adapters is None else [None if a == BASE else a for a in adapters]
+    if len(names) != n:
+        raise ValueError(f"{len(names)} adapter names for {n} rows")
+    for i, name in enumerate(names):
+        if name is not None and name not in loaded.runs:
+            raise UserError(f"row {i + 1}: no adapter named {name!r}; have: {', '.join(loaded.names)} "
+                            f"(None or {BASE!r}: the base model)")
+    return names
+
+
+@contextlib.contextmanager
+def _routed(loaded: AnyLoaded, names: Optional[Sequence[Optional[str]]]):
+    """Run one batch with each row's adapter and head (`load_runs`); nothing to do for one run's `LoadedRun`."""
+    if names is None:
+        yield
+        return
+    model, first = loaded.net.model, loaded.names[0]
+    groups: dict = {}
+    for i, name in enumerate(names):
+        if name is not None and name != first and loaded.runs[name].head:
+            groups.setdefault(name, []).append(i)
+    groups = {name: torch.tensor(rows, device=loaded.device) for name, rows in groups.items()}
+    busy: set = set()
+    handles = [model.get_submodule(path).register_forward_hook(partial(_own_heads, loaded.runs, path, groups, busy))
+               for path in (loaded.first.head if groups else ())]
+    try:
+        with get_adapter_set(model).routed(list(names)):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _own_heads(runs: dict, path: str, groups: dict, busy: set, module, args, output):
+    """A head module's forward hook: the rows of each run in `groups` recomputed with that run's tensors
+    (`functional_call` calls the module, and so this hook, again: `busy` lets that inner call through)."""
+    if path in busy:
+        return None
+    out = output.clone()
+    busy.add(path)
+    try:
+        for name, rows in groups.items():
+            sliced = tuple(a[rows] if torch.is_tensor(a) else a for a in args)
+            out[rows] = torch.func.functional_call(module, runs[name].head[path], sliced)
+    finally:
+        busy.discard(path)
+    return out
+
+
 # --- a Hugging Face folder ----------------------------------------------------------------------------
 
 def merged_model(loaded: LoadedRun) -> torch.nn.Module:
@@ -250,26 +518,49 @@ def _text_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
+class Inputs(NamedTuple):
+    """An input file's rows (sentence tuples or prompt records), the adapter each names (None: none) and
+    each one's line number; `named`: whether the file has an adapter column (TSV) or field (JSONL)."""
+
+    rows: list
+    adapters: list
+    lines: list
+    named: bool
+
+
 def read_sentences(path: PathLike, columns: int) -> list[tuple[str, Optional[str]]]:
     """A TSV of one sentence (columns=1) or one sentence pair (2) a line; blank lines are skipped, and a
-    first line `sentence` (`sentence1<TAB>sentence2`) is a header. Fields are not quoted (GLUE's style)."""
+    first line `sentence` (`sentence1<TAB>sentence2`) is a header. Fields are not quoted (GLUE's style).
+    An `adapter` column (see `read_sentence_file`) is read and left out."""
+    return read_sentence_file(path, columns).rows
+
+
+def read_sentence_file(path: PathLike, columns: int) -> Inputs:
+    """`read_sentences`, with the adapters: a header that ends with an extra column `adapter`
+    (`sentence<TAB>adapter`) lets each line end with an adapter's name (a line without it, or with it
+    empty, names none)."""
     path = Path(path)
-    rows = []
+    rows, adapters, numbers, named = [], [], [], False
     for n, line in enumerate(_text_lines(path, "sentence file"), 1):
         if not line.strip():
             continue
         cells = line.split("\t")
-        if n == 1 and tuple(c.strip().lower() for c in cells) == TSV_HEADERS[columns]:
+        if n == 1 and tuple(c.strip().lower() for c in cells) in (TSV_HEADERS[columns],
+                                                                  TSV_HEADERS[columns] + (ADAPTER_KEY,)):
+            named = len(cells) > columns
             continue
-        if len(cells) != columns:
+        if len(cells) != columns and not (named and len(cells) == columns + 1):
             want = "one sentence" if columns == 1 else "two tab-separated sentences (a pair)"
-            raise ArtifactError(path, f"line {n}: {len(cells)} tab-separated columns; this task takes {want} a line")
-        if any(not c.strip() for c in cells):
+            raise ArtifactError(path, f"line {n}: {len(cells)} tab-separated columns; this task takes {want} a line"
+                                + (" and, after it, an optional adapter" if named else ""))
+        if any(not c.strip() for c in cells[:columns]):
             raise ArtifactError(path, f"line {n}: an empty sentence")
         rows.append((cells[0], cells[1] if columns == 2 else None))
+        adapters.append(cells[columns].strip() or None if len(cells) > columns else None)
+        numbers.append(n)
     if not rows:
         raise ArtifactError(path, "no sentences (only a header)")
-    return rows
+    return Inputs(rows, adapters, numbers, named)
 
 
 def columns_of(cfg: mlc.ConfigDict) -> int:
@@ -278,20 +569,38 @@ def columns_of(cfg: mlc.ConfigDict) -> int:
 
 
 @torch.no_grad()
-def classify(loaded: LoadedRun, rows: Sequence[tuple[str, Optional[str]]], batch_size: int = 32,
-             progress: bool = False) -> list[dict]:
+def classify(loaded: AnyLoaded, rows: Sequence[tuple[str, Optional[str]]], batch_size: int = 32,
+             progress: bool = False, adapters: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
     """Label (text_a, text_b) rows: {"label": name, "index", "probability"} each, or {"label": score} for
-    a regression task. Encoded as the run encoded its examples (truncated to model.max_length)."""
-    model, tok, device = loaded.net.model, loaded.net.tokenizer, loaded.device
-    encoded = [ClassificationTask._encode(Example(a, b, 0), tok, loaded.cfg.model.max_length) for a, b in rows]
+    a regression task. Encoded as the run encoded its examples (truncated to model.max_length).
+
+    `adapters` (runs loaded with `load_runs`): each row's adapter name, None for the base model (default:
+    the first run's adapter for every row); the rows of a batch may differ, and each row gets its run's
+    head and label names (see `load_runs`)."""
+    names = _row_adapters(loaded, len(rows), adapters)
+    logits = class_logits(loaded, rows, batch_size, progress, names)
+    if names is None:
+        return _describe(logits, loaded.labels) if rows else []
+    return [_describe(logits[i:i + 1], loaded.run_of(name).labels)[0] for i, name in enumerate(names)]
+
+
+@torch.no_grad()
+def class_logits(loaded: AnyLoaded, rows: Sequence[tuple[str, Optional[str]]], batch_size: int = 32,
+                 progress: bool = False, adapters: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
+    """The network's float32 logits for (text_a, text_b) rows, `batch_size` rows per forward (see `classify`)."""
+    model, tok = loaded.net.model, loaded.net.tokenizer
+    names = _row_adapters(loaded, len(rows), adapters)
+    lengths = [(loaded.cfg if names is None else loaded.run_of(names[i]).cfg).model.max_length
+               for i in range(len(rows))]
+    encoded = [ClassificationTask._encode(Example(a, b, 0), tok, n) for (a, b), n in zip(rows, lengths)]
     out = []
     with Progress(len(encoded), "labelling", enabled=progress, unit="sentence") as bar:
         for lo in range(0, len(encoded), batch_size):
             chunk = encoded[lo:lo + batch_size]
-            logits = model(**pad_batch(chunk, tok.pad_token_id or 0, device)).logits.float()
-            out += _describe(logits, loaded.labels)
+            with _routed(loaded, None if names is None else names[lo:lo + batch_size]):
+                out.append(model(**pad_batch(chunk, tok.pad_token_id or 0, loaded.device)).logits.float())
             bar.update(len(chunk))
-    return out
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def _describe(logits: torch.Tensor, labels: Optional[tuple]) -> list[dict]:
@@ -304,13 +613,15 @@ def _describe(logits: torch.Tensor, labels: Optional[tuple]) -> list[dict]:
 
 
 def write_labels(path: PathLike, rows: Sequence[tuple[str, Optional[str]]], results: Sequence[dict],
-                 columns: int) -> None:
-    """A TSV with a header: the input column(s), `label`, and `probability` (not for regression)."""
+                 columns: int, adapters: Optional[Sequence[str]] = None) -> None:
+    """A TSV with a header: the input column(s), `adapter` (when given: each row's), `label`, and
+    `probability` (not for regression)."""
     regression = bool(results) and "probability" not in results[0]
-    header = list(TSV_HEADERS[columns]) + ["label"] + ([] if regression else ["probability"])
+    header = list(TSV_HEADERS[columns]) + ([ADAPTER_KEY] if adapters is not None else []) + ["label"] + \
+        ([] if regression else ["probability"])
     lines = ["\t".join(header)]
-    for (a, b), r in zip(rows, results):
-        cells = [a] + ([b] if columns == 2 else [])
+    for i, ((a, b), r) in enumerate(zip(rows, results)):
+        cells = [a] + ([b] if columns == 2 else []) + ([adapters[i]] if adapters is not None else [])
         cells += [f"{r['label']:.6g}"] if regression else [r["label"], f"{r['probability']:.6f}"]
         lines.append("\t".join(cells))
     text = "\n".join(lines) + "\n"
@@ -321,8 +632,13 @@ def write_labels(path: PathLike, rows: Sequence[tuple[str, Optional[str]]], resu
 
 def read_prompts(path: PathLike) -> list[dict]:
     """JSON lines of {"instruction", "input"?, "system"?} or {"prompt", "system"?}; blank lines skipped."""
+    return read_prompt_file(path).rows
+
+
+def read_prompt_file(path: PathLike) -> Inputs:
+    """`read_prompts`, with the adapter each record names in an optional key "adapter" (null or "": none)."""
     path = Path(path)
-    records = []
+    records, numbers = [], []
     for n, line in enumerate(_text_lines(path, "prompt file"), 1):
         if not line.strip():
             continue
@@ -335,7 +651,9 @@ def read_prompts(path: PathLike) -> list[dict]:
         if fault:
             raise ArtifactError(path, f"line {n}: {fault}")
         records.append(record)
-    return records
+        numbers.append(n)
+    adapters = [(r.get(ADAPTER_KEY) or "").strip() or None for r in records]
+    return Inputs(records, adapters, numbers, any(ADAPTER_KEY in r for r in records))
 
 
 def _prompt_fault(record) -> Optional[str]:
@@ -343,7 +661,7 @@ def _prompt_fault(record) -> Optional[str]:
         return f"expected a JSON object, found {type(record).__name__}"
     if ("prompt" in record) == ("instruction" in record):
         return "needs exactly one of the keys 'instruction' (with an optional 'input') and 'prompt'"
-    for key in ("prompt", "instruction", "input", "system"):
+    for key in ("prompt", "instruction", "input", "system", ADAPTER_KEY):
         if key in record and record[key] is not None and not isinstance(record[key], str):
             return f"key {key!r} should be a string, found {type(record[key]).__name__}"
     if not (record.get("prompt") or record.get("instruction") or "").strip():
@@ -382,17 +700,31 @@ def _stop_ids(model, tokenizer) -> set:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def generate(loaded: LoadedRun, records: Sequence[dict], max_new_tokens: int, batch_size: int = 8,
-             progress: bool = False) -> list[str]:
-    """Greedy answers to prompt records (see `read_prompts`), `batch_size` prompts per generate call."""
+def generate(loaded: AnyLoaded, records: Sequence[dict], max_new_tokens: int, batch_size: int = 8,
+             progress: bool = False, adapters: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """Greedy answers to prompt records (see `read_prompts`), `batch_size` prompts per generate call.
+
+    `adapters` (runs loaded with `load_runs`): each record's adapter name, None for the base model
+    (default: the first run's for every record); the records of one generate call may differ."""
+    tok = loaded.net.tokenizer
+    return [tok.decode(row, skip_special_tokens=True).strip()
+            for row in generate_ids(loaded, records, max_new_tokens, batch_size, progress, adapters)]
+
+
+def generate_ids(loaded: AnyLoaded, records: Sequence[dict], max_new_tokens: int, batch_size: int = 8,
+                 progress: bool = False, adapters: Optional[Sequence[Optional[str]]] = None) -> list[list[int]]:
+    """`generate`'s new tokens, not decoded. A batch of records with different adapters is ONE `generate` call
+    inside `AdapterSet.routed`: generate calls the model again and again on the same batch, batch first
+    (the prompt, then a token per row at a time over the key-value cache), so each row keeps its adapter."""
     model, tok = loaded.net.model, loaded.net.tokenizer
+    names = _row_adapters(loaded, len(records), adapters)
     ids = [prompt_ids(tok, r) for r in records]
     out = []
     with Progress(len(ids), "generating", enabled=progress, unit="prompt") as bar:
         for lo in range(0, len(ids), batch_size):
             batch = ids[lo:lo + batch_size]
-            out += [tok.decode(row, skip_special_tokens=True).strip()
-                    for row in generate_batch(model, tok, batch, max_new_tokens)]
+            with _routed(loaded, None if names is None else names[lo:lo + batch_size]):
+                out += generate_batch(model, tok, batch, max_new_tokens)
             bar.update(len(batch))
     return out
 
