@@ -68,15 +68,8 @@ ADAPTER_KEY = "adapter"  # an input's adapter: a TSV header's extra last column,
 PathLike = Union[str, os.PathLike]
 
 
-@dataclass
-class LoadedRun:
-    """A run's network, ready for inference (eval mode, on its device)."""
-
-    path: Path
-    cfg: mlc.ConfigDict
-    net: Network
-    labels: Optional[tuple]  # classification: the label names in index order (None: regression); LM: None
-    adapter: bool  # whether the run's adapter is on the model (not merged)
+class _Served:
+    """What a loaded run and several runs over one network share (they have `cfg` and `net`)."""
 
     @property
     def is_lm(self) -> bool:
@@ -85,6 +78,18 @@ class LoadedRun:
     @property
     def device(self) -> torch.device:
         return next(self.net.model.parameters()).device
+
+
+@dataclass
+class LoadedRun(_Served):
+    """A run's network, ready for inference (eval mode, on its device)."""
+
+    path: Path
+    cfg: mlc.ConfigDict
+    net: Network
+    labels: Optional[tuple]  # classification: the label names in index order (None: regression); LM: None
+    adapter: bool  # whether the run's adapter is on the model (not merged)
+
 
 
 # --- the run's network ----------------------------------------------------------------------------
@@ -194,7 +199,7 @@ class MixedRun:
 
 
 @dataclass
-class LoadedRuns:
+class LoadedRuns(_Served):
     """Several runs' adapters over one base network (`load_runs`), ready for mixed batches (eval mode).
 
     The model holds the first run's head; in a routed batch each row meets its own run's head."""
@@ -219,13 +224,6 @@ class LoadedRuns:
         """The first run's label names (a base row's); each run has its own (`run_of(name).labels`)."""
         return self.first.labels
 
-    @property
-    def is_lm(self) -> bool:
-        return self.cfg.task in LM_TASKS
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.model.parameters()).device
 
     def run_of(self, name: Optional[str]) -> MixedRun:
         """The run whose head and settings a row with adapter `name` uses (None, the base model: the first's)."""
