@@ -91,7 +91,6 @@ class LoadedRun(_Served):
     adapter: bool  # whether the run's adapter is on the model (not merged)
 
 
-
 # --- the run's network ----------------------------------------------------------------------------
 
 def run_config(run_dir: PathLike, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
