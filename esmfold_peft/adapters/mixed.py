@@ -47,52 +47,63 @@ def sample_axis(family: str) -> int:
 
 
 class _Stack:
-    """One layout family's factors of every resident adapter, stacked on a leading slot axis (0 = none)."""
+    """One layout family's factors of every resident adapter, stacked on a leading slot axis (slot 0 = none).
+
+    The stacked tensors are the only copy kept: an adapter's factors are written into its slot (ranks padded
+    with zero columns to the largest), and the tensors grow (doubling their slots, or widening the rank)
+    when needed. One method per stack: LoRTA and LoRA factors have different shapes."""
 
     def __init__(self, layout: AttentionLayout):
         self.layout = layout
-        self.slots: List[Optional[Dict[str, torch.Tensor]]] = [None]  # per slot: factor name -> tensor
-        self.kinds: List[Optional[str]] = [None]
-        self._stacked: Optional[Dict[str, torch.Tensor]] = None
+        self.method: Optional[str] = None
+        self.tensors: Dict[str, torch.Tensor] = {}  # factor name -> (slots, …, rank)
+        self.ranks: List[int] = [0]  # each slot's own rank (0: empty)
 
     def put(self, slot: int, adapter: nn.Module) -> None:
+        if any(self.ranks) and adapter.method != self.method:
+            raise MixedAdapterError(f"{self.layout.family}: LoRTA and LoRA adapters cannot share one mixed batch "
+                                    f"(this model's mixed adapters are {self.method}; route them in separate jobs)")
         factors = _lorta_factors(adapter) if adapter.method == "lorta" else _lora_factors(adapter, self.layout)
-        while len(self.slots) <= slot:
-            self.slots.append(None)
-            self.kinds.append(None)
-        self.slots[slot], self.kinds[slot] = factors, adapter.method
-        self._stacked = None
+        if not any(self.ranks):
+            self.tensors, self.method = {}, adapter.method
+        rank = adapter.config.rank
+        self._grow(slot + 1, rank, factors)
+        for key, value in factors.items():
+            target = self.tensors[key]
+            target[slot].zero_()
+            target[slot, ..., :rank] = value.to(device=target.device, dtype=target.dtype)
+        self.ranks += [0] * (slot + 1 - len(self.ranks))
+        self.ranks[slot] = rank
+
+    def _grow(self, slots: int, rank: int, like: Dict[str, torch.Tensor]) -> None:
+        ref = next(iter(self.tensors.values()), None)
+        have, width = (0, 0) if ref is None else (ref.shape[0], ref.shape[-1])
+        if slots <= have and rank <= width:
+            return
+        count, width = max(slots, 2 * have if slots > have else have, 2), max(width, rank)
+        for key, value in like.items():
+            old = self.tensors.get(key)
+            grown = torch.zeros(count, *value.shape[:-1], width, dtype=value.dtype,
+                                device=value.device if old is None else old.device)
+            if old is not None:
+                grown[:old.shape[0], ..., :old.shape[-1]] = old
+            self.tensors[key] = grown
 
     def clear(self, slot: int) -> None:
-        self.slots[slot], self.kinds[slot] = None, None
-        self._stacked = None
-
-    @property
-    def method(self) -> Optional[str]:
-        kinds = {k for k in self.kinds if k is not None}
-        if len(kinds) > 1:
-            raise MixedAdapterError(f"{self.layout.family}: LoRTA and LoRA adapters cannot share one mixed batch "
-                                    "(route them in separate jobs)")
-        return next(iter(kinds), None)
+        for t in self.tensors.values():
+            t[slot].zero_()
+        self.ranks[slot] = 0
 
     def stacked(self, device) -> Dict[str, torch.Tensor]:
-        """name -> (slots, …, rank) tensor; zero for empty slots, ranks padded with zero columns."""
-        if self._stacked is not None and next(iter(self._stacked.values())).device == torch.device(device):
-            return self._stacked
-        filled = [s for s in self.slots if s is not None]
-        if not filled:
+        """name -> (slots, …, rank) tensor on `device` (moved there once, and kept there)."""
+        if not any(self.ranks):
             raise MixedAdapterError("no adapter is resident")
-        rank = max(t.shape[-1] for s in filled for t in s.values())
-        out = {}
-        for key, ref in filled[0].items():
-            shape = ref.shape[:-1]
-            stack = torch.zeros(len(self.slots), *shape, rank, dtype=ref.dtype, device=device)
-            for i, s in enumerate(self.slots):
-                if s is not None:
-                    stack[i, ..., :s[key].shape[-1]] = s[key].to(device)
-            out[key] = stack
-        self._stacked = out
-        return out
+        if next(iter(self.tensors.values())).device != torch.device(device):
+            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self.tensors
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def _lorta_factors(adapter) -> Dict[str, torch.Tensor]:
@@ -100,26 +111,27 @@ def _lorta_factors(adapter) -> Dict[str, torch.Tensor]:
     if set(config.modes) != FULL_MODES:
         raise MixedAdapterError(f"a LoRTA adapter over modes {','.join(config.modes)} holds one tensor per layer or "
                                 "matrix; mixed batches take the full tensor (modes heads,matrices,layers)")
-    C_M = torch.zeros(len(MATRICES), config.rank, dtype=adapter.C_M.dtype)
+    C_M = torch.zeros(len(MATRICES), config.rank, dtype=adapter.C_M.dtype, device=adapter.C_M.device)
     for i, m in enumerate(adapter.targets):
-        C_M[MATRICES.index(m)] = adapter.C_M.detach()[i].cpu() * config.scale
-    return {"A": adapter.A.detach().cpu().clone(), "B": adapter.B.detach().cpu().clone(),
-            "C_H": adapter.C_H.detach().cpu().clone(), "C_L": adapter.C_L.detach().cpu().clone(), "C_M": C_M}
+        C_M[MATRICES.index(m)] = adapter.C_M.detach()[i] * config.scale
+    return {"A": adapter.A.detach(), "B": adapter.B.detach(), "C_H": adapter.C_H.detach(),
+            "C_L": adapter.C_L.detach(), "C_M": C_M}  # written into the stack (copied) by `_Stack.put`
 
 
 def _lora_factors(adapter, layout: AttentionLayout) -> Dict[str, torch.Tensor]:
-    """Per (layer, matrix): At (in × r) and the scaled Bt (r × out), rank last as the stack pads it."""
+    """Per (layer, matrix): A (in × r) and the scaled B (out × r), rank last as the stack pads it."""
     out = {}
     for layer in range(layout.n_layers):
         for m in MATRICES:
             out_f, in_f = layout.linear_shape(m)
             key = adapter._key(layer, m)
             if m in adapter.targets:
-                out[f"{layer}.{m}.A"] = adapter.A[key].detach().cpu().T.clone(memory_format=torch.contiguous_format)  # in × r
-                out[f"{layer}.{m}.B"] = adapter.B[key].detach().cpu() * adapter.config.scale  # out × r (a copy)
+                out[f"{layer}.{m}.A"] = adapter.A[key].detach().T  # in × r
+                out[f"{layer}.{m}.B"] = adapter.B[key].detach() * adapter.config.scale  # out × r
             else:
-                out[f"{layer}.{m}.A"] = torch.zeros(in_f, adapter.config.rank)
-                out[f"{layer}.{m}.B"] = torch.zeros(out_f, adapter.config.rank)
+                kw = dict(dtype=adapter.config.torch_dtype, device=next(adapter.parameters()).device)
+                out[f"{layer}.{m}.A"] = torch.zeros(in_f, adapter.config.rank, **kw)
+                out[f"{layer}.{m}.B"] = torch.zeros(out_f, adapter.config.rank, **kw)
     return out
 
 
@@ -127,7 +139,7 @@ class MixedAdapters:
     """The adapters of one AdapterSet that mixed batches may use, by name, in slots 1..K."""
 
     def __init__(self, layouts):
-        self.stacks = {l.family: _Stack(l) for l in layouts}
+        self.stacks = {layout.family: _Stack(layout) for layout in layouts}
         self.names: Dict[str, int] = {}
         self.ids: Optional[torch.Tensor] = None  # per sample, set while routed
         self.uniform = False  # all samples of the routed batch use one adapter (chunked inputs are then fine)
@@ -163,8 +175,8 @@ class MixedAdapters:
         return torch.tensor([0 if n is None else self.names[n] for n in names], dtype=torch.long, device=device)
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for stack in self.stacks.values() for s in stack.slots if s
-                   for t in s.values())
+        """Bytes of the stacked factors (every allocated slot: up to twice the adapters held, as stacks grow)."""
+        return sum(stack.nbytes() for stack in self.stacks.values())
 
     # --- the routed forward -----------------------------------------------------------------------------
 
@@ -186,7 +198,7 @@ class MixedAdapters:
     def output_for(self, layout, layer, matrices, x, output, ids, axis) -> torch.Tensor:
         n = ids.numel()
         stack = self.stacks[layout.family]
-        delta = _lorta_delta if stack.method == "lorta" else _lora_delta
+        delta = _lorta_delta if stack.method == "lorta" else _lora_delta  # one method per stack (`_Stack.put`)
         factors = stack.stacked(x.device)
         moved = x.movedim(axis, 0)
         flat = moved.reshape(n, -1, moved.shape[-1]).to(next(iter(factors.values())).dtype)
