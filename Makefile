@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esmfold-peft-setup
 
-.PHONY: setup demo demo-nlp demo-finetune test test-fast bench bench-memory bench-long bench-nlp bench-gpu clean-venv
+.PHONY: setup demo demo-nlp demo-finetune test test-fast bench bench-memory bench-long bench-nlp bench-mixed bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -60,6 +60,13 @@ bench-nlp: setup
 	$(PY) -m pip install -q --disable-pip-version-check "$(PEFT_SPEC)"
 	$(PY) bench/nlp_adapter_step.py
 	$(PY) bench/nlp_dpo_reference.py
+	$(PY) bench/report.py
+
+# many adapters, one model: mixed-adapter batches of 1-512 distinct adapters against one adapter (merged and
+# unmerged), the split-by-adapter fallback and PEFT's mixed LoRA (peft from the test extra; left out with a note
+# when missing), and resident bytes per adapter (about 7 min on 2 CPU cores), then BENCHMARKS.md again
+bench-mixed: setup
+	$(PY) bench/mixed_adapters.py
 	$(PY) bench/report.py
 
 # the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv)

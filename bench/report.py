@@ -63,7 +63,8 @@ re-renders without running.
 
 # the scripts, in the order of their sections; each has REPORT = {its JSON's name: (section title, reading)}
 SCRIPTS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput",
-           "esm_attention", "predict_memory", "gpu_suite", "nlp_adapter_step", "nlp_dpo_reference", "compile_step")
+           "esm_attention", "predict_memory", "gpu_suite", "nlp_adapter_step", "nlp_dpo_reference", "compile_step",
+           "mixed_adapters")
 
 
 def readers() -> dict:
