@@ -69,9 +69,11 @@ bench-mixed: setup
 	$(PY) bench/mixed_adapters.py
 	$(PY) bench/report.py
 
-# the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv)
+# the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv), then the
+# mixed-adapter cells on the GPU (all 12 layers of the 35M shape, 512 records x 128 tokens, bf16; its own JSON)
 bench-gpu:
 	$(PY) bench/gpu_suite.py --device cuda
+	$(PY) bench/mixed_adapters.py --device cuda
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,8 +29,9 @@ after the other, each in a fresh process, then rewrites this file from the JSON 
 `bench/results/`; on a 2-core CPU machine it stays within 15 minutes by using smaller shapes, which
 the tables state. Beside it, each writing its own JSON: `make bench-memory` (section 6, about 15
 minutes), `make bench-long` (sections 5 and 6b, hours on 2 CPU cores), `make bench-nlp` (sections
-8–9; installs `peft` for this benchmark only), `python bench/compile_step.py` (section 10) and
-`make bench-gpu` (section 7, one H100/H200). Every section below names the command and run that
+8–9; installs `peft` for this benchmark only), `python bench/compile_step.py` (section 10), `make
+bench-mixed` (section 11, about 7 minutes) and `make bench-gpu` (section 7, one H100/H200, then section
+11's cells on the GPU). Every section below names the command and run that
 produced its numbers; the file holds no number those runs did not measure. `python bench/report.py`
 re-renders without running.
 
