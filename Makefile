@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esmfold-peft-setup
 
-.PHONY: setup demo demo-nlp demo-finetune test test-fast bench bench-memory bench-long bench-nlp bench-mixed bench-gpu clean-venv
+.PHONY: setup demo demo-nlp demo-finetune test test-fast bench bench-memory bench-long bench-nlp bench-mixed bench-routing bench-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -67,6 +67,12 @@ bench-nlp: setup
 # when missing), and resident bytes per adapter (about 7 min on 2 CPU cores), then BENCHMARKS.md again
 bench-mixed: setup
 	$(PY) bench/mixed_adapters.py
+	$(PY) bench/report.py
+
+# routing records to adapters on the fine-tuning demonstration with a clade as the new family (about 45 min on 2
+# CPU cores; the demonstration's finished stages are read, not rerun), then BENCHMARKS.md again
+bench-routing: setup
+	$(PY) bench/routing_demo.py
 	$(PY) bench/report.py
 
 # the real-scale suite on one H100/H200 (no set-up: GPU machines here have no network; bring the venv), then the

@@ -30,7 +30,7 @@ after the other, each in a fresh process, then rewrites this file from the JSON 
 the tables state. Beside it, each writing its own JSON: `make bench-memory` (section 6, about 15
 minutes), `make bench-long` (sections 5 and 6b, hours on 2 CPU cores), `make bench-nlp` (sections
 8–9; installs `peft` for this benchmark only), `python bench/compile_step.py` (section 10), `make
-bench-mixed` (section 11, about 7 minutes) and `make bench-gpu` (section 7, one H100/H200, then section
+bench-mixed` (section 11, about 7 minutes), `make bench-routing` (section 12, about 45 minutes) and `make bench-gpu` (section 7, one H100/H200, then section
 11's cells on the GPU). Every section below names the command and run that
 produced its numbers; the file holds no number those runs did not measure. `python bench/report.py`
 re-renders without running.
@@ -65,7 +65,7 @@ re-renders without running.
 # the scripts, in the order of their sections; each has REPORT = {its JSON's name: (section title, reading)}
 SCRIPTS = ("adapter_step", "adapter_profile", "merged_inference", "fold_step", "predict_throughput",
            "esm_attention", "predict_memory", "gpu_suite", "nlp_adapter_step", "nlp_dpo_reference", "compile_step",
-           "mixed_adapters")
+           "mixed_adapters", "routing_demo")
 
 
 def readers() -> dict:

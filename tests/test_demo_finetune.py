@@ -10,6 +10,7 @@ import json
 import pytest
 
 import background
+from conftest import bench_module
 from esmfold_peft.runtime.errors import EXIT_OK, EXIT_USAGE
 from fold_fixtures import load_script
 
@@ -60,6 +61,10 @@ def test_smoke_demonstration_runs_every_stage_and_reruns_nothing(demo_data, caps
     assert all(r["to_adapter"] + r["to_base"] == r["n"] and 0 <= r["accuracy"] <= 1 for r in routed.values())
     assert (out / "library" / "new_family" / "adapter" / "sketch.json").is_file()
     assert "| routing accuracy |" in (out / "results.md").read_text()
+    routing_demo = bench_module("routing_demo")  # its BENCHMARKS.md section, from these results
+    targets, reading = routing_demo.read_routing_demo({"results": results})
+    assert [t[3] for t in targets] == ["met" if float(t[2]) >= -0.01 else "missed" for t in targets]
+    assert "Routing accuracy" in reading and routing_demo.tables(results)[0]["rows"][0][1] == 1
     for s in results["scores"]:
         assert (out / "eval" / f"{s['model']}-on-{s['family']}" / "report" / "report.json").is_file()
         assert s["n_chains"] == (2 if s["family"] == "base" else 1) and 0 <= s["lddt_ca"] <= 1
