@@ -638,6 +638,15 @@ def tables(r: dict, conf: dict, device, peft_version, skipped: list) -> list:
 
 # --- its section of BENCHMARKS.md (bench/report.py) --------------------------------------------------
 
+def verdict_faster(s: dict) -> str:
+    """A throughput ratio summary against "faster" (> 1): met only when every round was faster."""
+    if s["min"] > 1.0:
+        return "met"
+    if s["median"] > 1.0:
+        return "median faster, not resolved (some rounds slower)"
+    return verdict_above(s, 1.0)
+
+
 def verdict_above(s: dict, target: float) -> str:
     """A throughput ratio summary (median, min, max) against a lower target."""
     if s["median"] >= target:
@@ -719,7 +728,7 @@ def read_mixed_adapters(d: dict) -> tuple[list, str]:
         for x, key in peft_keys:
             if big:
                 qs = [r["ratios"][str(k)][key] for k in big]
-                verdicts = [verdict_above(q, 1.0) for q in qs]
+                verdicts = [verdict_faster(q) for q in qs]
                 worst = next((v for v in verdicts if v == "missed"), next((v for v in verdicts if v != "met"), "met"))
                 targets.append([f"mixed LoRTA r=8 / PEFT mixed LoRA r={x}, throughput, K ≥ {PEFT_FROM} (same HF ESM)",
                                 "> 1", "; ".join(f"K={k} {fmt_ratio(q)}" for k, q in zip(big, qs)), worst])
@@ -739,7 +748,11 @@ def read_mixed_adapters(d: dict) -> tuple[list, str]:
             + (f" (the two base models compute the same function; HF ESM's base runs at {fmt_ratio(base)}× the "
                "fair-esm floor's throughput)" if base else "") + "."
             + ("" if big else f" The PEFT goal is stated from {PEFT_FROM} distinct adapters up; this run has no such "
-               "cell."))
+               "cell.")
+            + (" On a CPU both gathered paths are bound by the same per-record arithmetic (attention and the "
+               "products of one layer), and PEFT's loop over distinct adapters costs little beside it, so the "
+               "margins are small; that loop's cost is in kernel launches, which a GPU run (`make bench-gpu`) "
+               "measures." if not d.get("machine", {}).get("gpu") else ""))
     mem = r["memory"]
     a = mem["adapters"]
     lorta, lora8 = a[f"ours LoRTA r={RANK}"], a["ours LoRA r=8"]

@@ -48,7 +48,9 @@ def tables(results: dict) -> list:
              "notes": [f"scripts/demo_finetune.py --new-family clade ({results['settings']['base_steps']} base steps, "
                        f"{results['settings']['finetune_steps']} fine-tuning steps, LoRTA r="
                        f"{results['settings']['rank']} on the LM and trunk); --adapter auto with threshold "
-                       f"{results['routing_threshold']:g}; LDDT-Cα: global pooled per chain, mean over chains. "
+                       f"{results['routing_threshold']:g}; LDDT-Cα: global pooled per chain, mean over chains; the "
+                       f"demonstration took {results['total_wall_s']:.0f} s wall ({results['total_cpu_s']:.0f} s CPU) "
+                       "over all its stages, this script's run only reads it when it is done. "
                        "Synthetic families: the numbers show the mechanism, not what routing does for real "
                        "families."]}]
 
@@ -97,7 +99,8 @@ def _main(argv=None) -> int:
     results = json.loads((out / demo_finetune.RESULTS_JSON).read_text())
     finish("routing_demo", args, pick_device("cpu"), started, load_before,
            {"demo": str(out), "demo_command": "python scripts/demo_finetune.py " + " ".join(flags),
-            "results": {k: results[k] for k in ("settings", "scores", "routing", "routing_threshold", "data")},
+            "results": {k: results[k] for k in ("settings", "scores", "routing", "routing_threshold", "data",
+                                                "total_wall_s", "total_cpu_s")},
             "tables": tables(results)})
     return 0
 
