@@ -244,3 +244,31 @@ def test_a_chunked_trunk_splits_batches_by_adapter_with_the_same_structures(base
         assert a["adapter"] == b["adapter"]
         assert np.abs(pdb_atoms(tmp_path / "None" / a["structure"]) - pdb_atoms(tmp_path / "4" / b["structure"])
                       ).max() <= 2e-3
+
+
+def test_library_misuse_is_one_line(base, lorta_library, finetuned_entry, tmp_path, capsys):
+    import shutil
+
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">q1\nMKTAYIAKQR\n")
+    predict = load_script("predict")
+    common = ["-i", str(fasta), "--esmfold", str(base[0]), "--lm", str(base[1]), "--cpu-only", "--no-progress"]
+    cases = {"no_library": ["--adapter", "lm"],
+             "missing": ["--adapter-library", str(tmp_path / "nowhere")]}
+    heads = tmp_path / "heads_lib"  # a run that trained tensors beside its adapters
+    shutil.copytree(finetuned_entry[2], heads / "run")
+    from safetensors.torch import save_file
+    save_file({"lddt_head.0.weight": torch.zeros(2)}, str(heads / "run" / "model" / "fold_model.safetensors"))
+    cases["trained_heads"] = ["--adapter-library", str(heads)]
+    damaged = tmp_path / "damaged_lib"
+    shutil.copytree(lorta_library, damaged)
+    (damaged / "lm" / "adapter" / "sketch.json").write_text("{not json")
+    cases["damaged_sketch"] = ["--adapter-library", str(damaged), "--adapter", "auto"]
+    expected = {"no_library": "give the library too", "missing": "no such adapter library",
+                "trained_heads": "trained lddt_head.0.weight beside its adapters", "damaged_sketch": "sketch.json"}
+    for name, extra in cases.items():
+        capsys.readouterr()
+        assert predict.main(common + extra + ["-o", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected[name] in err and "Traceback" not in err, (name, err)
+        assert not (tmp_path / name / "q1.pdb").exists()
