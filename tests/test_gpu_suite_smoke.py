@@ -84,7 +84,8 @@ def test_prediction_matches_fair_esm_on_the_same_weights(smoke):
     assert lm["ours"] == 2 * lm["ours, bf16 LM"]  # on CPU fair-esm's LM is made float32 again (esm-fold --cpu-only)
     for length in pred["lengths"].values():
         v = length["variants"]
-        assert set(v) == {"fair-esm infer", "ours", "ours, bf16 LM"}
+        assert set(v) == {"fair-esm infer", "ours", "ours, bf16 LM", "ours, LM offloaded"}
+        assert v["ours, LM offloaded"]["max_abs_ca_deviation_from_fair_esm"] < 1e-3  # --cpu-offload: the same
         assert all(x["seconds_per_prediction"]["median"] > 0 and x["peak_bytes"] > 0 for x in v.values())
         assert v["ours, bf16 LM"]["peak_bytes"] < v["ours"]["peak_bytes"]
         assert v["ours"]["max_abs_ca_deviation_from_fair_esm"] < 1e-3  # the same function, float32 both
