@@ -258,6 +258,17 @@ def _diff(a, b) -> float:
 
 
 @torch.no_grad()
+def mixed_and_alone(model, aset, tokens, names, n: int):
+    """(the mixed batch's last representations, those of its first `n` records each run alone with its adapter)."""
+    with aset.routed(names):
+        mixed = fair_rep(model, tokens)
+    solo = []
+    for b in range(n):
+        aset.set_active(names[b])
+        solo.append(fair_rep(model, tokens[b:b + 1]))
+    return mixed, torch.cat(solo)
+
+
 def checks(m, tokens, mask, names_of, with_hf, with_peft) -> dict:
     """max |Δ| of the last representation (float32): a mixed batch's first records against each run alone with
     its adapter, split against mixed, merged against unmerged, and the two ESM implementations."""
@@ -279,25 +290,12 @@ def checks(m, tokens, mask, names_of, with_hf, with_peft) -> dict:
     aset.set_active(names[0])
     single = fair_rep(lorta, tokens)
     out["floor (merged) vs one unmerged adapter"] = (_diff(fair_rep(m["floor"], tokens), single), _diff(single, base))
-    with aset.routed(names):
-        mixed = fair_rep(lorta, tokens)
-    solo = []
-    for b in range(n):
-        aset.set_active(names[b])
-        solo.append(fair_rep(lorta, tokens[b:b + 1]))
-    solo = torch.cat(solo)
+    mixed, solo = mixed_and_alone(lorta, aset, tokens, names, n)
     out[f"{MIXED} vs each record alone"] = (_diff(mixed[:n], solo), _diff(solo, base[:n]))
     split = split_by_adapter(lorta, aset, tokens, names, reps)["representations"][last]
     out[f"{SPLIT} vs {MIXED}"] = (_diff(split, mixed), _diff(split, base))
     for r in LORA_RANKS:
-        model, lset = m[f"lora{r}"], m[f"lora{r}_set"]
-        with lset.routed(names):
-            mixed_r = fair_rep(model, tokens)
-        solo_r = []
-        for b in range(n):
-            lset.set_active(names[b])
-            solo_r.append(fair_rep(model, tokens[b:b + 1]))
-        solo_r = torch.cat(solo_r)
+        mixed_r, solo_r = mixed_and_alone(m[f"lora{r}"], m[f"lora{r}_set"], tokens, names, n)
         out[f"{lora_name(r)} vs each record alone"] = (_diff(mixed_r[:n], solo_r), _diff(solo_r, base[:n]))
     if with_hf:
         hf, hset = m["hf"], m["hf_set"]
