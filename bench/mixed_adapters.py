@@ -254,18 +254,19 @@ def split_by_adapter(model, aset, tokens, names, repr_layers) -> dict:
 # --- checks ------------------------------------------------------------------------------------------
 
 def _diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
+    return float((a.detach().float() - b.detach().float()).abs().max())
 
 
 @torch.no_grad()
-def mixed_and_alone(model, aset, tokens, names, n: int):
-    """(the mixed batch's last representations, those of its first `n` records each run alone with its adapter)."""
+def mixed_and_alone(rep, aset, tokens, names, n: int):
+    """(`rep` of the mixed batch, `rep` of its first `n` records each run alone with its adapter); `rep(tokens)` is
+    the model's last representation."""
     with aset.routed(names):
-        mixed = fair_rep(model, tokens)
+        mixed = rep(tokens)
     solo = []
     for b in range(n):
         aset.set_active(names[b])
-        solo.append(fair_rep(model, tokens[b:b + 1]))
+        solo.append(rep(tokens[b:b + 1]))
     return mixed, torch.cat(solo)
 
 
@@ -290,12 +291,13 @@ def checks(m, tokens, mask, names_of, with_hf, with_peft) -> dict:
     aset.set_active(names[0])
     single = fair_rep(lorta, tokens)
     out["floor (merged) vs one unmerged adapter"] = (_diff(fair_rep(m["floor"], tokens), single), _diff(single, base))
-    mixed, solo = mixed_and_alone(lorta, aset, tokens, names, n)
+    mixed, solo = mixed_and_alone(lambda toks: fair_rep(lorta, toks), aset, tokens, names, n)
     out[f"{MIXED} vs each record alone"] = (_diff(mixed[:n], solo), _diff(solo, base[:n]))
     split = split_by_adapter(lorta, aset, tokens, names, reps)["representations"][last]
     out[f"{SPLIT} vs {MIXED}"] = (_diff(split, mixed), _diff(split, base))
     for r in LORA_RANKS:
-        mixed_r, solo_r = mixed_and_alone(m[f"lora{r}"], m[f"lora{r}_set"], tokens, names, n)
+        mixed_r, solo_r = mixed_and_alone(lambda toks, model=m[f"lora{r}"]: fair_rep(model, toks), m[f"lora{r}_set"],
+                                          tokens, names, n)
         out[f"{lora_name(r)} vs each record alone"] = (_diff(mixed_r[:n], solo_r), _diff(solo_r, base[:n]))
     if with_hf:
         hf, hset = m["hf"], m["hf_set"]
