@@ -16,7 +16,7 @@ Examples:
       --checkpoint runs/demo-lorta-r8/checkpoints/last.pt --num-recycles 3 --device cuda --out pred/
   python scripts/predict.py -i seqs.fasta --esmfold esmfold_3B_v1.pt --lm esm2_t36_3B_UR50D.pt \\
       --chunk-size 64 --max-tokens-per-batch 512 --format cif --cpu-only -o pred/
-  python scripts/predict.py -i mixed.fasta --esmfold esmfold_3B_v1.pt --adapter-library library/ \
+  python scripts/predict.py -i mixed.fasta --esmfold esmfold_3B_v1.pt --adapter-library library/ \\
       --adapter auto -o pred/        # each record its own adapter (adapter=NAME in its description, or routed)
   torchrun --nproc_per_node 4 scripts/predict.py --fasta many.fasta --run-dir RUN --out pred/
 """
