@@ -272,3 +272,16 @@ def test_library_misuse_is_one_line(base, lorta_library, finetuned_entry, tmp_pa
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected[name] in err and "Traceback" not in err, (name, err)
         assert not (tmp_path / name / "q1.pdb").exists()
+
+
+def test_a_run_entry_names_the_esmfold_file_it_was_fine_tuned_from(base, finetuned_entry, tmp_path):
+    """A run entry records its model.init_from file's SHA-256: served over another file, it is refused by name."""
+    import shutil
+
+    shutil.copytree(finetuned_entry[2], tmp_path / "lib" / "ft")
+    library = AdapterLibrary(tmp_path / "lib")
+    assert library.entries["ft"].pretrained is not None
+    library.attach(load_esmfold_checkpoint(finetuned_entry[1], lm=finetuned_entry[3])[0],
+                   finetuned_entry[1])  # its own file: served
+    with pytest.raises(LibraryError, match=r"ft: fine-tuned from another ESMFold .* than .*base\.pt"):
+        AdapterLibrary(tmp_path / "lib").attach(load_base(base), base[0])

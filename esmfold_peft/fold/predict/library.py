@@ -37,7 +37,7 @@ from ...runtime.artifacts import read_json
 from ...runtime.errors import ArtifactError, UserError
 from ..model.build import TRUNK_FAMILIES
 from ..run.checkpoint import ADAPTER_DIRS, FOLD_WEIGHTS, PRETRAINED_RECORD, PretrainedRecord
-from ..run.sketch import Sketch, read_sketch
+from ..run.sketch import Sketch, kmer_hashes, read_sketch
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ class AdapterLibrary:
         if named is None:
             named, how = default, "default"
         if named == AUTO:
-            scores = {n: s.score(sequence) for n, s in self.sketches().items()}
+            queries: Dict[int, set] = {}  # the record's k-mers, hashed once per k
+            scores = {n: s.containment(queries.setdefault(s.k, kmer_hashes(sequence, s.k)))
+                      for n, s in self.sketches().items()}
             best = max(scores, key=scores.get) if scores else None
             score = scores[best] if best else None
             return Choice(best if best and score >= threshold else None, AUTO, score, best)
@@ -197,12 +199,19 @@ class AdapterLibrary:
         for part in ADAPTER_DIRS:
             if has_adapters(getattr(model, part)):
                 raise LibraryError("the base model still carries adapters: unload them before serving a library")
-        if esmfold_file is None:
+        recorded = [e for e in self.entries.values() if e.pretrained is not None]
+        if esmfold_file is None or not recorded:
             return
-        for entry in self.entries.values():
-            if entry.pretrained is not None and not entry.pretrained.matches(Path(esmfold_file)):
+        path = Path(esmfold_file)
+        if path.is_dir():  # a Hugging Face ESMFold folder: runs record its weights file
+            from ..run.hf_esmfold import hf_folder
+
+            path = hf_folder(path)[1]
+        served = PretrainedRecord.of(path)  # hashed once, however many entries
+        for entry in recorded:
+            if entry.pretrained != served:
                 text = (f"{entry.path}: fine-tuned from another ESMFold (sha256 {entry.pretrained.sha256[:12]}…) than "
-                        f"{esmfold_file}")
+                        f"{esmfold_file} ({served.sha256[:12]}…)")
                 if not self.allow_other_base:
                     raise LibraryError(text + " (--allow-other-base serves it anyway)")
                 log.warning("%s; served anyway (--allow-other-base)", text)

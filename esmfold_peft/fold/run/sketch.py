@@ -59,7 +59,10 @@ class Sketch:
 
     def score(self, sequence: str) -> float:
         """Containment of the query's (counted) k-mers in the training k-mers, 0 to 1 (0 for a query shorter than k)."""
-        query = kmer_hashes(sequence, self.k)
+        return self.containment(kmer_hashes(sequence, self.k))
+
+    def containment(self, query: set) -> float:
+        """`score` from the query's k-mer hashes (`kmer_hashes(sequence, self.k)`), for one query against many."""
         if self.max_hash is not None:
             query = {h for h in query if h <= self.max_hash}
         return len(query & self.hashes) / len(query) if query else 0.0
