@@ -303,7 +303,7 @@ def checks(m, tokens, mask, names_of, with_hf, with_peft) -> dict:
         hf, hset = m["hf"], m["hf_set"]
         with hset.disabled():
             hf_base = hf_rep(hf, tokens, mask)
-        out[f"HF ESM base vs fair-esm base"] = (_diff(hf_base, base), None)
+        out["HF ESM base vs fair-esm base"] = (_diff(hf_base, base), None)
         with hset.routed(names):
             hf_mixed = hf_rep(hf, tokens, mask)
         out[f"{HF_MIXED} vs {MIXED}"] = (_diff(hf_mixed, mixed), _diff(hf_mixed, hf_base))
