@@ -255,17 +255,17 @@ def test_library_misuse_is_one_line(base, lorta_library, finetuned_entry, tmp_pa
     common = ["-i", str(fasta), "--esmfold", str(base[0]), "--lm", str(base[1]), "--cpu-only", "--no-progress"]
     cases = {"no_library": ["--adapter", "lm"],
              "missing": ["--adapter-library", str(tmp_path / "nowhere")]}
-    heads = tmp_path / "heads_lib"  # a run that trained tensors beside its adapters
-    shutil.copytree(finetuned_entry[2], heads / "run")
+    trunk = tmp_path / "trunk_lib"  # a run that trained its trunk beside its adapters: not the shared base
+    shutil.copytree(finetuned_entry[2], trunk / "run")
     from safetensors.torch import save_file
-    save_file({"lddt_head.0.weight": torch.zeros(2)}, str(heads / "run" / "model" / "fold_model.safetensors"))
-    cases["trained_heads"] = ["--adapter-library", str(heads)]
+    save_file({"trunk.blocks.0.weight": torch.zeros(2)}, str(trunk / "run" / "model" / "fold_model.safetensors"))
+    cases["trained_trunk"] = ["--adapter-library", str(trunk)]
     damaged = tmp_path / "damaged_lib"
     shutil.copytree(lorta_library, damaged)
     (damaged / "lm" / "adapter" / "sketch.json").write_text("{not json")
     cases["damaged_sketch"] = ["--adapter-library", str(damaged), "--adapter", "auto"]
     expected = {"no_library": "give the library too", "missing": "no such adapter library",
-                "trained_heads": "trained lddt_head.0.weight beside its adapters", "damaged_sketch": "sketch.json"}
+                "trained_trunk": "trained trunk.blocks.0.weight beside its adapters", "damaged_sketch": "sketch.json"}
     for name, extra in cases.items():
         capsys.readouterr()
         assert predict.main(common + extra + ["-o", str(tmp_path / name)]) == 2, name
@@ -285,3 +285,61 @@ def test_a_run_entry_names_the_esmfold_file_it_was_fine_tuned_from(base, finetun
                    finetuned_entry[1])  # its own file: served
     with pytest.raises(LibraryError, match=r"ft: fine-tuned from another ESMFold .* than .*base\.pt"):
         AdapterLibrary(tmp_path / "lib").attach(load_base(base), base[0])
+
+
+@pytest.fixture(scope="module")
+def heads_entry(finetuned_entry, tmp_path_factory):
+    """A fine-tuning run from the same base file that trained its confidence heads too (model.trainable=confidence),
+    its adapters and pLDDT head then moved so that both visibly change what is written."""
+    from esmfold_peft.fold.run.checkpoint import load_trained_model
+    from esmfold_peft.fold.train import train
+    from esmfold_peft.runtime.artifacts import load_safetensors, save_safetensors
+    from esmfold_peft.runtime.errors import EXIT_OK
+
+    tmp = tmp_path_factory.mktemp("heads_entry")
+    cfg = tiny_run_config(tmp, adapter="lorta", steps=2)
+    cfg.model.init_from, cfg.model.trainable, cfg.adapter.scope = str(finetuned_entry[1]), "confidence", "both"
+    assert train(cfg, tmp / "run", progress=False) == EXIT_OK
+    model, _ = load_trained_model(tmp / "run")
+    for part, directory in (("esm", "adapter"), ("trunk", "trunk_adapter")):
+        perturb(get_adapter_set(getattr(model, part)).get(), seed=3 + len(part))
+        save_adapter(getattr(model, part), tmp / "run" / directory)
+    weights = tmp / "run" / "model" / "fold_model.safetensors"
+    heads = load_safetensors(weights)
+    assert heads and all(k.startswith(("lddt_head.", "ptm_head.")) for k in heads)
+    g = torch.Generator().manual_seed(11)
+    save_safetensors({k: v + torch.randn(v.shape, generator=g) * 0.5 for k, v in heads.items()}, weights)
+    return tmp / "run"
+
+
+def test_an_entry_that_trained_its_confidence_heads_brings_them(finetuned_entry, heads_entry, tmp_path):
+    """Records of an entry that trained its pLDDT head get that head and its convention (Cα pLDDT on every atom),
+    as predict.py --run of the entry writes them; the other records of the same batch keep the base's heads."""
+    import shutil
+
+    _, base_file, plain_run, lm = finetuned_entry
+    lib = tmp_path / "lib"
+    shutil.copytree(heads_entry, lib / "heads")
+    shutil.copytree(plain_run, lib / "plain")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(f">h1 adapter=heads\n{SEQS['q1']}\n>p1 adapter=plain\n{SEQS['q2']}\n"
+                     f">h2 adapter=heads\n{SEQS['q3']}\n")
+    mixed = predict_fasta(fasta, None, tmp_path / "mixed", esmfold=base_file, lm=lm, progress=False, num_recycles=0,
+                          library=LibraryOptions(lib))
+    by_id = {p["id"]: p for p in mixed.predicted}
+    assert {p["batch_size"] for p in mixed.predicted} == {3}  # one batch, two kinds of heads
+    solo = predict_fasta(fasta, heads_entry, tmp_path / "solo", progress=False, num_recycles=0, merge=False)
+    for p in solo.predicted:
+        if p["id"].startswith("h"):
+            q = by_id[p["id"]]
+            assert q["confidence"]["plddt_head"] == "ca" and q["confidence"]["plddt_head"] == \
+                json.loads((tmp_path / "solo" / "predictions.json").read_text())["confidence"]["plddt_head"]
+            assert np.abs(np.array(p["plddt_per_residue"]) - np.array(q["plddt_per_residue"])).max() <= 0.02
+            assert np.abs(pdb_atoms(tmp_path / "solo" / p["structure"]) -
+                          pdb_atoms(tmp_path / "mixed" / q["structure"])).max() <= 2e-3
+    plain = predict_fasta(fasta, plain_run, tmp_path / "plain", progress=False, num_recycles=0, merge=False)
+    p1 = next(p for p in plain.predicted if p["id"] == "p1")
+    assert by_id["p1"]["confidence"]["plddt_head"] == mixed.confidence.plddt  # the base's heads, for this record
+    # the base file's pLDDT head was never trained: no number for p1, as its run writes none; the entry's for h1, h2
+    assert p1["mean_plddt"] is None and by_id["p1"]["mean_plddt"] is None and mixed.confidence.plddt is None
+    assert by_id["h1"]["mean_plddt"] is not None and by_id["h2"]["mean_plddt"] is not None

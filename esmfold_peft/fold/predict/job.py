@@ -367,9 +367,12 @@ class PredictionWriter:
                 log.info("%s", failure_line(record, result, self.done, self.total, self.rank, self.world))
             return
         stem, heads = self.stems[record.id], self.loaded.heads
+        if self.library is not None:  # an entry that trained its confidence heads: its own convention
+            heads = self.library.confidence(self.choices[record.id], heads)
         summary = record_summary(record, result, stem, self.settings, heads, self.inputs(record))
         if self.library is not None:
-            summary["adapter"], summary["routing"] = self.choices[record.id].label, self.choices[record.id].as_dict()
+            choice = self.choices[record.id]
+            summary.update(adapter=choice.label, routing=choice.as_dict(), confidence=heads.as_dict())
         write_record_files(self.out_dir, stem, record, result, heads, summary)
         self.summaries[record.id] = summary
         if self.rank == 0:

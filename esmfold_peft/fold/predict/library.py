@@ -6,8 +6,10 @@ adapter by its layout), or a folder holding `adapter/` and/or `trunk_adapter/` a
 (a whole slim fine-tuning run, or a copy of its adapter folders). Every adapter records the frozen
 weights it was made for (their fingerprint, checked when it loads: another base is refused, naming
 both, unless `--allow-other-base`); a run entry also records its pretrained ESMFold file
-(`model/init_from.json`), checked against `--esmfold`. A run that trained tensors beside its adapters
-(e.g. its confidence heads) is refused: a library applies adapters only.
+(`model/init_from.json`), checked against `--esmfold`. A run that trained its confidence heads beside its
+adapters (`model.trainable=confidence`) brings them: its records get its pLDDT and pTM heads (applied to
+their rows only, `functional_call` with the entry's tensors) and its confidence convention. A run that
+trained anything else (the trunk, embeddings) is refused: its model is not the shared base.
 
 Each FASTA record picks its adapter: a token `adapter=NAME` in its description, else the job's default
 (`--adapter NAME`, `base` for none, or `auto`). `auto` scores the record against each entry's sketch of
@@ -25,17 +27,24 @@ import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from ...adapters import AdapterError, AdapterLoadError, get_adapter_set, has_adapters, load_adapter, read_adapter_config, unload
+import torch
+from torch.func import functional_call
+
+from ...adapters import (AdapterError, AdapterLoadError, get_adapter_set, has_adapters, load_adapter,
+                         read_adapter_config, unload)
 from ...adapters.files import CONFIG_NAME
 from ...adapters.inject import find_adapter_set
 from ...adapters.mixed import MixedAdapterError
 from ...data.fasta import BadRecord, FastaContents
-from ...runtime.artifacts import read_json
+from ...adapters.head import check_head
+from ...runtime.artifacts import load_safetensors, read_json
 from ...runtime.errors import ArtifactError, UserError
 from ..model.build import TRUNK_FAMILIES
+from ..run.confidence import ConfidenceHeads, model_heads
 from ..run.checkpoint import ADAPTER_DIRS, FOLD_WEIGHTS, PRETRAINED_RECORD, PretrainedRecord
 from ..run.sketch import Sketch, kmer_hashes, read_sketch
 
@@ -44,6 +53,8 @@ log = logging.getLogger(__name__)
 BASE, AUTO = "base", "auto"
 DEFAULT_CAPACITY = 64
 DEFAULT_THRESHOLD = 0.1
+HEAD_AXES = {"lddt_head": 1, "ptm_head": 0}  # each confidence head's input: its sample axis (states, pair)
+HEAD_PREFIXES = tuple(f"{head}." for head in HEAD_AXES)
 _LOADING = "library-loading"  # the transient name an entry's adapter has while its factors are copied
 
 
@@ -71,6 +82,7 @@ class Entry:
     path: Path
     parts: Dict[str, Path]  # "esm" / "trunk" -> adapter folder
     pretrained: Optional[PretrainedRecord] = None
+    heads: Optional[Path] = None  # a run that trained its confidence heads: the file holding them
 
 
 @dataclass(frozen=True)
@@ -117,11 +129,14 @@ def read_entry(path: Path) -> Entry:
         if not record.is_file():
             raise LibraryError(f"{path}: a run trained from scratch (no model/{PRETRAINED_RECORD}): its whole model "
                                "is its own, not adapters over a shared base; predict it with --run")
-        if trained:
-            raise LibraryError(f"{path}: this run trained {', '.join(trained[:3])}{' …' if len(trained) > 3 else ''} "
-                               "beside its adapters; a library applies adapters only (predict it with --run)")
+        other = [k for k in trained if not k.startswith(HEAD_PREFIXES)]
+        if other:
+            raise LibraryError(f"{path}: this run trained {', '.join(other[:3])}{' …' if len(other) > 3 else ''} "
+                               "beside its adapters; a library serves adapters and confidence heads only (predict "
+                               "it with --run)")
     pretrained = PretrainedRecord.from_dict(read_json(record), str(record)) if record.is_file() else None
-    return Entry(path.name, path, parts, pretrained)
+    heads = weights if weights.is_file() and trained else None
+    return Entry(path.name, path, parts, pretrained, heads)
 
 
 def scan_library(folder: Path) -> Dict[str, Entry]:
@@ -157,6 +172,10 @@ class AdapterLibrary:
         self.model = None
         self._sketches: Optional[Dict[str, Sketch]] = None
         self.loads = 0
+        self.heads: Dict[str, Dict[str, torch.Tensor]] = {}  # resident entries' trained confidence heads
+        self._routing: Optional[Sequence[Choice]] = None  # the batch being routed
+        self._in_head = False
+        self._confidence: Dict[str, ConfidenceHeads] = {}
 
     # --- choosing -----------------------------------------------------------------------------------
 
@@ -199,6 +218,9 @@ class AdapterLibrary:
         for part in ADAPTER_DIRS:
             if has_adapters(getattr(model, part)):
                 raise LibraryError("the base model still carries adapters: unload them before serving a library")
+        if any(e.heads is not None for e in self.entries.values()):
+            for head in HEAD_AXES:
+                getattr(model, head).register_forward_hook(partial(self._head_hook, head))
         recorded = [e for e in self.entries.values() if e.pretrained is not None]
         if esmfold_file is None or not recorded:
             return
@@ -255,11 +277,16 @@ class AdapterLibrary:
                 raise LibraryError(f"library entry {entry.name!r}: {exc}") from None
             except (AdapterError, MixedAdapterError, ValueError) as exc:
                 raise LibraryError(f"{folder}: {exc}") from None
+        if entry.heads is not None:
+            device = next(self.model.parameters()).device
+            self.heads[entry.name] = {k: v.to(device) for k, v in load_safetensors(entry.heads).items()}
+            check_head(self.model, self.heads[entry.name], entry.heads)
         self.loads += 1
 
     def _evict(self, name: str) -> None:
         for part in self.entries[name].parts:
             get_adapter_set(getattr(self.model, part)).unmix(name)
+        self.heads.pop(name, None)
         del self.resident[name]
 
     def _mixed(self, part: str):
@@ -281,7 +308,41 @@ class AdapterLibrary:
                 names: List[Optional[str]] = [c.adapter if c.adapter is not None and part in
                                               self.entries[c.adapter].parts else None for c in choices]
                 stack.enter_context(get_adapter_set(getattr(self.model, part)).routed(names))
-            yield
+            self._routing = list(choices)
+            try:
+                yield
+            finally:
+                self._routing = None
+
+    def _head_hook(self, head: str, module, args, output):
+        """While a batch is routed: the rows of records whose entry trained its confidence heads get that entry's
+        head (the same module, its tensors), as `predict.py --run` of the entry computes them."""
+        if self._routing is None or self._in_head:  # functional_call runs the module, and so this hook, again
+            return None
+        axis, prefix = HEAD_AXES[head], f"{head}."
+        for name in dict.fromkeys(c.adapter for c in self._routing):
+            tensors = {k[len(prefix):]: v for k, v in self.heads.get(name, {}).items() if k.startswith(prefix)}
+            if not tensors:
+                continue
+            rows = torch.tensor([i for i, c in enumerate(self._routing) if c.adapter == name], device=output.device)
+            self._in_head = True
+            try:
+                own = functional_call(module, tensors, (args[0].index_select(axis, rows),))
+            finally:
+                self._in_head = False
+            output = output.index_copy(axis, rows, own.to(output.dtype))
+        return output
+
+    def confidence(self, choice: Choice, default: ConfidenceHeads) -> ConfidenceHeads:
+        """What a record's confidence numbers are: its entry's run's heads when it trained them, else `default`."""
+        entry = self.entries.get(choice.adapter) if choice.adapter else None
+        if entry is None or entry.heads is None:
+            return default
+        if entry.name not in self._confidence:
+            from ..run.resolve import read_run_config
+
+            self._confidence[entry.name] = model_heads(self.model, read_run_config(entry.path))
+        return self._confidence[entry.name]
 
     def describe(self) -> dict:
         """What predictions.json says of the library: entries, cache, loads, and the resident bytes (this process)."""
