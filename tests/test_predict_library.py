@@ -343,3 +343,15 @@ def test_an_entry_that_trained_its_confidence_heads_brings_them(finetuned_entry,
     # the base file's pLDDT head was never trained: no number for p1, as its run writes none; the entry's for h1, h2
     assert p1["mean_plddt"] is None and by_id["p1"]["mean_plddt"] is None and mixed.confidence.plddt is None
     assert by_id["h1"]["mean_plddt"] is not None and by_id["h2"]["mean_plddt"] is not None
+
+
+def test_skip_existing_predicts_again_a_record_whose_adapter_changed(base, lorta_library, tmp_path):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">q1 adapter=lm\nMKTAYIAKQRQISFVKSHFSRQ\n>q2 adapter=trunk\nGSHMLEDPVKRWACDEFG\n")
+    kwargs = dict(esmfold=base[0], lm=base[1], progress=False, num_recycles=0, library=LibraryOptions(lorta_library))
+    predict_fasta(fasta, None, tmp_path / "o", **kwargs)
+    fasta.write_text(">q1 adapter=both\nMKTAYIAKQRQISFVKSHFSRQ\n>q2 adapter=trunk\nGSHMLEDPVKRWACDEFG\n")
+    again = predict_fasta(fasta, None, tmp_path / "o", skip_existing=True, **kwargs)
+    assert again.n_reused == 1  # q2: the same sequence, model and adapter
+    assert {p["id"]: p["adapter"] for p in again.predicted} == {"q1": "both", "q2": "trunk"}
+    assert "q1 adapter both" in (tmp_path / "o" / "q1.pdb").read_text()
