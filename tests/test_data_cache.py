@@ -45,6 +45,7 @@ def test_build_lists_chains_and_bad_files(tmp_path, structure_dir, parse_calls):
 
     loaded, parsed = cache.load(0), parse_structure(structure_dir / "one.pdb")[0]
     assert loaded.sequence == parsed.sequence and loaded.name == "one_A"
+    assert [cache.sequence(i) for i in range(len(cache))] == [cache.load(i).sequence for i in range(len(cache))]
     for field in ("aatype", "atom37_positions", "atom37_mask", "b_factors", "residue_index"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(parsed, field))
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())

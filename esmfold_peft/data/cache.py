@@ -77,8 +77,15 @@ class ChainCache:
         return [r.weight for r in self.records]
 
     def load(self, index: int) -> Chain:
-        return load_chain(chain_file_path(self.cache_dir / CHAINS_DIR, self.records[index].file,
-                                          culprit=self.cache_dir / MANIFEST))
+        return load_chain(self._chain_file(index))
+
+    def sequence(self, index: int) -> str:
+        """The chain's sequence alone (one member of its .npz is read, not its coordinates)."""
+        with np.load(self._chain_file(index), allow_pickle=False) as z:
+            return str(z["sequence"])
+
+    def _chain_file(self, index: int) -> Path:
+        return chain_file_path(self.cache_dir / CHAINS_DIR, self.records[index].file, culprit=self.cache_dir / MANIFEST)
 
 
 def build_cache(source: Source, cache_dir: str | Path, workers: int = 1,

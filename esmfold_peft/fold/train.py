@@ -150,7 +150,7 @@ def build_split(cfg: mlc.ConfigDict, split: str, is_main: bool = True,
 
 def training_sketch(train: ChainDataset, limit: int = SKETCH_CHAINS) -> Sketch:
     """The k-mer sketch of the training chains (the first `limit` of them), stored with a run's adapters."""
-    return Sketch.of(train.cache.load(i).sequence for i in range(min(len(train), limit)))
+    return Sketch.of(train.cache.sequence(i) for i in range(min(len(train), limit)))
 
 
 def build_datasets(cfg: mlc.ConfigDict, is_main: bool, progress: bool = True):
