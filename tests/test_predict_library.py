@@ -166,6 +166,8 @@ def test_the_cache_keeps_at_most_its_capacity_and_reloads_evicted_entries(base, 
         assert len(library.resident) <= 2 and all(n in library.resident for n in names)
     assert library.loads == 4  # lm, trunk, both, then lm again after its eviction
     assert library.resident_bytes() > 0
+    stack = next(iter(get_adapter_set(model.esm).mixed.stacks.values()))
+    assert next(iter(stack.tensors.values())).shape[0] == 3  # the base and the 2 the cache holds: no slot wasted
     with pytest.raises(LibraryError, match="more than --adapter-cache 2"):
         library.ensure(["lm", "trunk", "both"])
 

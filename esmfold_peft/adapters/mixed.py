@@ -58,6 +58,7 @@ class _Stack:
         self.method: Optional[str] = None
         self.tensors: Dict[str, torch.Tensor] = {}  # factor name -> (slots, …, rank)
         self.ranks: List[int] = [0]  # each slot's own rank (0: empty)
+        self.reserve = 0  # slots to allocate at once when known (`MixedAdapters.reserve`), instead of doubling
 
     def put(self, slot: int, adapter: nn.Module) -> None:
         if any(self.ranks) and adapter.method != self.method:
@@ -80,7 +81,8 @@ class _Stack:
         have, width = (0, 0) if ref is None else (ref.shape[0], ref.shape[-1])
         if slots <= have and rank <= width:
             return
-        count, width = max(slots, 2 * have if slots > have else have, 2), max(width, rank)
+        grow = max(self.reserve, 2 * have) if slots > have else have
+        count, width = max(slots, grow, 2), max(width, rank)
         for key, value in like.items():
             old = self.tensors.get(key)
             grown = torch.zeros(count, *value.shape[:-1], width, dtype=value.dtype,
@@ -144,6 +146,11 @@ class MixedAdapters:
         self.ids: Optional[torch.Tensor] = None  # per sample, set while routed
         self.uniform = False  # all samples of the routed batch use one adapter (chunked inputs are then fine)
         self._u = None  # (layer, weakref to x, version, u): q, k and v of a layer share x A
+
+    def reserve(self, adapters: int) -> None:
+        """Allocate room for `adapters` at the next growth (a library that knows its size wastes no slots)."""
+        for stack in self.stacks.values():
+            stack.reserve = adapters + 1  # slot 0 is the base
 
     def put(self, name: str, adapter: nn.Module) -> int:
         """Copy `adapter`'s factors (an adapter module, or an AdapterGroup over families) into a slot."""

@@ -38,7 +38,7 @@ from ...adapters import (AdapterError, AdapterLoadError, get_adapter_set, has_ad
                          read_adapter_config, unload)
 from ...adapters.files import CONFIG_NAME
 from ...adapters.inject import find_adapter_set
-from ...adapters.mixed import MixedAdapterError
+from ...adapters.mixed import MixedAdapterError, MixedAdapters
 from ...data.fasta import BadRecord, FastaContents
 from ...adapters.head import check_head
 from ...runtime.artifacts import load_safetensors, read_json
@@ -271,6 +271,9 @@ class AdapterLibrary:
             try:
                 load_adapter(module, folder, name=_LOADING, allow_other_base=self.allow_other_base)
                 aset = get_adapter_set(module)
+                if aset.mixed is None:  # the first entry: room for as many as can be resident, at once
+                    aset.mixed = MixedAdapters(aset.layouts)
+                    aset.mixed.reserve(min(self.capacity, len(self.entries)))
                 aset.mix(entry.name, aset.get(_LOADING))  # factors copied into the stack; the module itself goes
                 aset.remove(_LOADING)
             except AdapterLoadError as exc:  # names its file already
