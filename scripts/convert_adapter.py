@@ -22,7 +22,7 @@ from pathlib import Path
 
 from esmfold_peft.adapters import is_peft_folder, load_adapter, read_adapter_config, save_adapter
 from esmfold_peft.adapters.io import saved_base, saved_head_names
-from esmfold_peft.runtime.cli import exit_code_table, run_main
+from esmfold_peft.runtime.cli import add_allow_other_base_argument, exit_code_table, run_main
 from esmfold_peft.runtime.errors import EXIT_OK, OutputPathError, UserError
 
 
@@ -38,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the folder to write (new, or empty)")
     p.add_argument("--base", type=Path, required=True, metavar="MODEL_DIR",
                    help="the Hugging Face checkpoint folder the adapter was made for (config.json + weights)")
-    p.add_argument("--allow-other-base", action="store_true",
-                   help="load the adapter even if the base's weights are not those it was made for "
-                        "(same architecture; the adapter's recorded base is kept)")
+    add_allow_other_base_argument(p, "the adapter", "; the converted folder keeps the adapter's recorded base")
     return p
 
 

@@ -30,7 +30,7 @@ from esmfold_peft.eval.lddt import LDDT_CUTOFF
 from esmfold_peft.eval.baselines import margin_text
 from esmfold_peft.eval.report import calibration_markdown, summarize
 from esmfold_peft.fold.experiments.evaluate_run import SPLITS, evaluate_run
-from esmfold_peft.runtime.cli import non_negative_int, positive_float, run_main
+from esmfold_peft.runtime.cli import (add_allow_other_base_argument, non_negative_int, positive_float, run_main)
 from esmfold_peft.runtime.text import format_score
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
@@ -81,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change the run's config for this evaluation: paths of a moved run's inputs "
                           "(e.g. model.lm.path=…, data.root=…) or model.trunk.chunk_size=64 (repeatable)")
-    run.add_argument("--allow-other-base", action="store_true",
-                     help="load the run's adapters even onto frozen weights other than those they were trained "
-                          "on (e.g. another language model given with --set model.lm.path=...); refused by default")
+    add_allow_other_base_argument(run, note=": e.g. another language model given with --set model.lm.path=...")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory for report.json, report.md and the plots (created if needed)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

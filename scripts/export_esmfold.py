@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
+from esmfold_peft.runtime.cli import (add_allow_other_base_argument, add_set_argument, exit_code_table, run_main)
 from esmfold_peft.runtime.errors import EXIT_OK, UserError
 
 
@@ -53,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the esm_type to record (default: derived from the run's language model, e.g. "
                              "esm2_8M_270K for esm2_t6_8M_UR50D)")
     add_set_argument(parser, "model.lm.path=/data/esm2_t6_8M_UR50D.pt (a moved language model)")
-    parser.add_argument("--allow-other-base", action="store_true",
-                        help="load the run's adapters even onto frozen weights other than those they were trained on "
-                             "(refused by default, naming both)")
+    add_allow_other_base_argument(parser)
     return parser
 
 

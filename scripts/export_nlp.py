@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, run_main
+from esmfold_peft.runtime.cli import (add_allow_other_base_argument, add_set_argument, exit_code_table, run_main)
 from esmfold_peft.runtime.errors import EXIT_OK
 
 
@@ -34,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="the Hugging Face folder to write (new, or an empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    p.add_argument("--allow-other-base", action="store_true",
-                   help="load the adapter even if the base model's weights are not those it was made for "
-                        "(same architecture; see load_adapter's allow_other_base)")
+    add_allow_other_base_argument(p, "the run's adapter")
     add_set_argument(p, "model.name=/models/roberta-base (a base checkpoint folder that moved)")
     return p
 

@@ -32,8 +32,8 @@ import textwrap
 from pathlib import Path
 
 
-from esmfold_peft.runtime.cli import (add_set_argument, error, exit_code_table, non_negative_int, positive_float,
-                                      positive_int, run_main)
+from esmfold_peft.runtime.cli import (add_allow_other_base_argument, add_set_argument, error, exit_code_table,
+                                      non_negative_int, positive_float, positive_int, run_main)
 from esmfold_peft.runtime.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UserError
 from esmfold_peft.fold.predict import (DEFAULT_MAX_TOKENS, DEFAULT_MERGE_TOLERANCE, STRUCTURE_FORMATS,
                                        MergeMismatchError, PredictionInterrupted, predict_fasta)
@@ -141,10 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: %(default)g)")
     library.add_argument("--adapter-cache", type=positive_int, default=DEFAULT_CAPACITY, metavar="N",
                          help="entries kept resident (least recently used evicted; default: %(default)s)")
-    parser.add_argument("--allow-other-base", action="store_true",
-                        help="with --run: load its adapters even onto frozen weights other than those they were "
-                             "trained on (e.g. another language model given with --set model.lm.path=...); refused "
-                             "by default, naming both")
+    add_allow_other_base_argument(parser, "a run's adapters (--run) or a library's entries", ": e.g. another "
+                                  "language model given with --set model.lm.path=...")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (the line per record and other log messages stay)")
     parser.add_argument("--quiet", action="store_true",

@@ -37,7 +37,8 @@ import logging
 import sys
 from pathlib import Path
 
-from esmfold_peft.runtime.cli import add_set_argument, exit_code_table, positive_int, run_main
+from esmfold_peft.runtime.cli import (add_allow_other_base_argument, add_set_argument, exit_code_table, positive_int,
+                                      run_main)
 from esmfold_peft.runtime.errors import EXIT_OK, UserError
 
 
@@ -67,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--adapter", metavar="NAME|base",
                        help="the adapter of the rows that name none (an `adapter` column or key); default: the run's "
                             "when one run is given")
-    p.add_argument("--allow-other-base", action="store_true",
-                   help="load the adapter even if the base model's weights are not those it was made for "
-                        "(same architecture)")
+    add_allow_other_base_argument(p, "the runs' adapters")
     add_set_argument(p, "model.name=/models/roberta-base (a base checkpoint folder that moved)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (nor, when stderr is not a terminal, progress lines)")

@@ -60,6 +60,13 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str = "model.trun
                         help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
+def add_allow_other_base_argument(parser, what: str = "the run's adapters", note: str = "") -> None:
+    """`--allow-other-base`, one flag for every script that loads adapters (adapters/provenance.py)."""
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help=f"load {what} even onto frozen weights other than those they were made for (same "
+                             f"architecture; refused by default, naming both){note}")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The training scripts' flags for what the run loop does besides training: loggers, the kept model, bars."""
     from .loggers import LOGGERS
