@@ -64,12 +64,12 @@ bench-nlp: setup
 
 # many adapters, one model: mixed-adapter batches of 1-512 distinct adapters against one adapter (merged and
 # unmerged), the split-by-adapter fallback and PEFT's mixed LoRA (peft from the test extra; left out with a note
-# when missing), and resident bytes per adapter (about 7 min on 2 CPU cores), then BENCHMARKS.md again
+# when missing), and resident bytes per adapter (327 s measured on 2 CPU cores), then BENCHMARKS.md again
 bench-mixed: setup
 	$(PY) bench/mixed_adapters.py
 	$(PY) bench/report.py
 
-# routing records to adapters on the fine-tuning demonstration with a clade as the new family (about 45 min on 2
+# routing records to adapters on the fine-tuning demonstration with a clade as the new family (1,617 s measured on 2
 # CPU cores; the demonstration's finished stages are read, not rerun), then BENCHMARKS.md again
 bench-routing: setup
 	$(PY) bench/routing_demo.py

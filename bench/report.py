@@ -30,9 +30,9 @@ after the other, each in a fresh process, then rewrites this file from the JSON 
 the tables state. Beside it, each writing its own JSON: `make bench-memory` (section 6, about 15
 minutes), `make bench-long` (sections 5 and 6b, hours on 2 CPU cores), `make bench-nlp` (sections
 8–9; installs `peft` for this benchmark only), `python bench/compile_step.py` (section 10), `make
-bench-mixed` (section 11, about 7 minutes), `make bench-routing` (section 12, about 45 minutes) and `make bench-gpu` (section 7, one H100/H200, then section
-11's cells on the GPU). Every section below names the command and run that
-produced its numbers; the file holds no number those runs did not measure. `python bench/report.py`
+bench-mixed` (section 11, about 6 minutes), `make bench-routing` (section 12, about 27 minutes for
+the fine-tuning demonstration it runs) and `make bench-gpu` (section 7, one H100/H200, then section
+11's cells on the GPU). Every section below names the command and run that produced its numbers; the file holds no number those runs did not measure. `python bench/report.py`
 re-renders without running.
 
 ## How it is measured
